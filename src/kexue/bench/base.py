@@ -1,0 +1,141 @@
+"""Benchmark plumbing: a registry and a side-by-side timer.
+
+Each benchmark module registers ``run(opts) -> list[BenchRow]`` with :func:`register_bench`. Rows compare
+"ours" with a peer measured in the same process, interleaved, so the printed ratio is fair even on a
+noisy machine.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class BenchOptions:
+    device: str = "cpu"
+    quick: bool = False
+    repeats: int = 7
+
+
+@dataclass
+class BenchRow:
+    """One comparison: our time against a peer's time, in seconds per call (median of repeats)."""
+
+    case: str
+    ours: str
+    peer: str
+    ours_s: float
+    peer_s: float | None
+    target: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        """peer time / our time (> 1 means we are faster)."""
+        if self.peer_s is None or self.ours_s <= 0:
+            return None
+        return self.peer_s / self.ours_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"case": self.case, "ours": self.ours, "peer": self.peer, "ours_s": self.ours_s,
+                "peer_s": self.peer_s, "speedup": self.speedup, "target": self.target, **self.extra}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], Any], *, device: str = "cpu", repeats: int = 7, warmup: int = 2,
+              min_time: float = 0.02) -> float:
+    """Median seconds per call of ``fn``; each sample loops until at least ``min_time`` has passed."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    # calibrate how many calls one sample needs
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        if dt >= min_time or n >= 1 << 16:
+            break
+        n *= 2
+    samples = []
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(device)
+        samples.append((time.perf_counter() - t0) / n)
+    return statistics.median(samples)
+
+
+def compare(ours: Callable[[], Any], peer: Callable[[], Any] | None, *, device: str = "cpu",
+            repeats: int = 7, rounds: int = 3) -> tuple[float, float | None]:
+    """Time ``ours`` and ``peer`` interleaved over ``rounds`` rounds; return the best median of each."""
+    t_ours: list[float] = []
+    t_peer: list[float] = []
+    for _ in range(rounds):
+        t_ours.append(time_call(ours, device=device, repeats=repeats))
+        if peer is not None:
+            t_peer.append(time_call(peer, device=device, repeats=repeats))
+    return min(t_ours), (min(t_peer) if t_peer else None)
+
+
+def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
+    """Peak bytes allocated by ``fn`` on a CUDA device, or peak traced CPU tensor bytes via the profiler."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    events = sorted((e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
+                    key=lambda e: e.time_range.start)
+    for e in events:
+        current += e.cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+BENCHES: dict[str, Callable[[BenchOptions], list[BenchRow]]] = {}
+
+
+def register_bench(name: str) -> Callable:
+    """Decorator registering ``run(opts) -> list[BenchRow]`` as benchmark ``name``."""
+
+    def deco(fn: Callable[[BenchOptions], list[BenchRow]]) -> Callable[[BenchOptions], list[BenchRow]]:
+        BENCHES[name] = fn
+        return fn
+
+    return deco
+
+
+def format_rows(name: str, rows: list[BenchRow]) -> str:
+    """A plain-text table of rows with the ratio column."""
+    head = f"{'case':<44} {'ours':<26} {'peer':<30} {'ours ms':>10} {'peer ms':>10} {'speedup':>8}  target"
+    out = [f"== kexue bench {name}", head, "-" * len(head)]
+    for r in rows:
+        peer_ms = f"{r.peer_s * 1e3:10.3f}" if r.peer_s is not None else f"{'-':>10}"
+        sp = f"{r.speedup:7.2f}x" if r.speedup is not None else f"{'-':>8}"
+        out.append(f"{r.case:<44} {r.ours:<26} {r.peer:<30} {r.ours_s * 1e3:10.3f} {peer_ms} {sp}  {r.target}")
+        for k, v in r.extra.items():
+            out.append(f"{'':<44} {k}: {v}")
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""Metrics: classification (accuracy, NLL, ECE, linearity gap) and retrieval (top-k, recall@k, mAP@R)."""

@@ -1,0 +1,180 @@
+"""What a study is: a function from a :class:`StudyContext` to a :class:`Result`.
+
+Each study module registers itself with :func:`register_study`; ``kexue reproduce`` finds it by name,
+builds a context (mode, seed, device, data directory, figure folder) and hands the returned
+:class:`Result` to :mod:`kexue.report`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VERDICTS = ("holds", "does not hold", "partly holds", "not tested")
+
+
+@dataclass
+class Table:
+    """A table of numbers for the report. ``rows`` hold plain Python values (str, int, float, None)."""
+
+    name: str
+    columns: list[str]
+    rows: list[list[Any]]
+    caption: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_markdown(self, floatfmt: str = ".4g") -> str:
+        def cell(v: Any) -> str:
+            if isinstance(v, float):
+                return format(v, floatfmt)
+            return "" if v is None else str(v)
+
+        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+@dataclass
+class Figure:
+    """A PNG figure already written to disk by :meth:`StudyContext.save_figure`."""
+
+    name: str
+    path: str
+    caption: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "file": Path(self.path).name, "caption": self.caption}
+
+
+@dataclass
+class Result:
+    """Everything a study reports.
+
+    ``claim`` is the article's claim in one or two sentences; ``verdict`` is one of
+    ``"holds"``, ``"does not hold"``, ``"partly holds"`` or ``"not tested"`` and ``verdict_detail`` gives the
+    numbers behind it. ``data`` names the datasets used (and how they resolved); ``config`` is the exact
+    configuration that ran.
+    """
+
+    study: str
+    title: str
+    article: str
+    claim: str
+    verdict: str
+    verdict_detail: str
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    mode: str = "quick"
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("tables", "figures")}
+        d["tables"] = [t.to_dict() for t in self.tables]
+        d["figures"] = [f.to_dict() for f in self.figures]
+        return d
+
+
+@dataclass
+class StudyContext:
+    """What a study receives: the mode, seed, device, data directory and where to put figures."""
+
+    mode: str = "quick"
+    seed: int = 0
+    device: str = "cpu"
+    data_dir: str | None = None
+    fig_dir: Path = field(default_factory=lambda: Path("."))
+    progress: bool = True
+    figures: list[Figure] = field(default_factory=list)
+
+    @property
+    def quick(self) -> bool:
+        return self.mode == "quick"
+
+    def generator(self, offset: int = 0, device: str | None = None) -> torch.Generator:
+        """A fresh ``torch.Generator`` seeded with ``seed + offset``."""
+        g = torch.Generator(device=device or "cpu")
+        g.manual_seed(self.seed + offset)
+        return g
+
+    def save_figure(self, fig: Any, name: str, caption: str = "") -> Figure:
+        """Write a matplotlib figure to ``fig_dir/name.png`` (atomically), close it and record it."""
+        import matplotlib.pyplot as plt
+
+        self.fig_dir.mkdir(parents=True, exist_ok=True)
+        path = self.fig_dir / f"{name}.png"
+        tmp = self.fig_dir / f".{name}.png.tmp"
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        plt.close(fig)
+        os.replace(tmp, path)
+        f = Figure(name=name, path=str(path), caption=caption)
+        self.figures.append(f)
+        return f
+
+    def pbar(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "", **kw: Any):
+        """A tqdm progress bar that respects ``progress=False``."""
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, disable=not self.progress, leave=False, **kw)
+
+
+@dataclass
+class StudySpec:
+    name: str
+    article: int
+    title: str
+    run: Callable[[StudyContext], Result]
+    quick_budget_s: float
+    full_time: str
+    datasets: Sequence[str] = ()
+
+
+STUDIES: dict[str, StudySpec] = {}
+
+
+def register_study(name: str, *, article: int, title: str, quick_budget_s: float, full_time: str,
+                   datasets: Sequence[str] = ()) -> Callable:
+    """Decorator registering ``run(ctx) -> Result`` as study ``name``.
+
+    ``quick_budget_s`` is the wall-time budget of ``--quick`` on 2 CPU cores; ``full_time`` states the
+    expected time of ``--full`` in words (e.g. ``"about 40 min on 2 CPU cores"``).
+    """
+
+    def deco(fn: Callable[[StudyContext], Result]) -> Callable[[StudyContext], Result]:
+        STUDIES[name] = StudySpec(name, article, title, fn, quick_budget_s, full_time, tuple(datasets))
+        return fn
+
+    return deco
+
+
+def run_study(name: str, ctx: StudyContext) -> Result:
+    """Run one registered study and stamp its wall time, mode and figures on the result."""
+    from . import load_all
+
+    load_all()
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; known: {', '.join(sorted(STUDIES))}")
+    ctx.figures = []
+    t0 = time.perf_counter()
+    result = STUDIES[name].run(ctx)
+    result.wall_time_s = time.perf_counter() - t0
+    result.mode = ctx.mode
+    known = {f.path for f in result.figures}
+    result.figures += [f for f in ctx.figures if f.path not in known]
+    result.config.setdefault("seed", ctx.seed)
+    result.config.setdefault("device", ctx.device)
+    return result

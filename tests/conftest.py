@@ -1,0 +1,31 @@
+"""Shared fixtures. Real-data tests take the ``data_dir`` fixture: it resolves ``KEXUE_DATA_DIR`` and, when
+the data is missing, fails under ``CI=true`` (so CI can never pass by skipping) and skips elsewhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    root = os.environ.get("KEXUE_DATA_DIR")
+    if not root or not Path(root).is_dir():
+        msg = f"real-data test needs KEXUE_DATA_DIR pointing at the datasets (got {root!r})"
+        if _in_ci():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return Path(root)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)
+    yield
