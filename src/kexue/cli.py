@@ -1,0 +1,211 @@
+"""The ``kexue`` command: ``list``, ``reproduce``, ``bench`` and ``train``.
+
+    kexue list
+    kexue reproduce --quick                       # every study, quick mode, report in ./report
+    kexue reproduce init orthogonal --full --out report-full --data-dir ../shared/data
+    kexue bench linalg attention
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"kexue: --device {name} asked for, but torch sees no CUDA device")
+    return name
+
+
+def _machine() -> str:
+    import torch
+
+    from .report import environment
+
+    env = environment()
+    gpu = f", GPU {env['cuda']}" if env["cuda"] else ", no GPU"
+    return (f"{platform.machine()} Linux, {env['cpus']} CPU cores (torch threads {torch.get_num_threads()})"
+            f"{gpu}; Python {env['python']}, torch {env['torch']}")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .bench import load_all as load_benches
+    from .data import DATASETS, where
+    from .studies import load_all
+
+    studies = load_all()
+    print("Studies (kexue reproduce NAME):")
+    for spec in sorted(studies.values(), key=lambda s: (s.article, s.name)):
+        print(f"  {spec.name:<12} article {spec.article}  {spec.title}")
+        print(f"  {'':<12} quick ≤ {spec.quick_budget_s:.0f} s on 2 CPU cores; full: {spec.full_time}; "
+              f"data: {', '.join(spec.datasets) or 'generated'}")
+    print("\nDatasets (resolution: --data-dir / KEXUE_DATA_DIR -> ~/.cache/kexue -> download):")
+    for name, spec in DATASETS.items():
+        print(f"  {name:<16} {where(name, args.data_dir):<58} {spec.description}")
+    print("\nBenchmarks (kexue bench NAME):")
+    for name in sorted(load_benches()):
+        print(f"  {name}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import torch
+
+    from .report import ReportBuilder, environment
+    from .studies import STUDIES, StudyContext, load_all, run_study
+    from .studies.base import Result
+
+    load_all()
+    names = args.studies or sorted(STUDIES, key=lambda n: (STUDIES[n].article, n))
+    unknown = [n for n in names if n not in STUDIES]
+    if unknown:
+        print(f"kexue: unknown study {', '.join(unknown)}; known: {', '.join(sorted(STUDIES))}", file=sys.stderr)
+        return 2
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        print(f"kexue: --data-dir {args.data_dir} is not a folder", file=sys.stderr)
+        return 2
+    mode = "full" if args.full else "quick"
+    device = _resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    builder = ReportBuilder(args.out)
+    results: list[Result] = []
+    failed = []
+    t_start = time.perf_counter()
+    print(f"kexue reproduce: {len(names)} stud{'y' if len(names) == 1 else 'ies'} ({mode}) on {device} "
+          f"-> {Path(args.out).resolve()}", flush=True)
+    for i, name in enumerate(names, 1):
+        spec = STUDIES[name]
+        budget = f"quick budget {spec.quick_budget_s:.0f} s" if mode == "quick" else f"full: {spec.full_time}"
+        print(f"[{i}/{len(names)}] {name} (article {spec.article}; {budget}) ...", flush=True)
+        ctx = StudyContext(mode=mode, seed=args.seed, device=device, data_dir=args.data_dir,
+                           fig_dir=builder.fig_dir, progress=not args.no_progress)
+        t0 = time.perf_counter()
+        try:
+            result = run_study(name, ctx)
+        except KeyboardInterrupt:
+            builder.abort()
+            raise
+        except Exception as exc:  # a failing study is reported, the others still run
+            failed.append(name)
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr)
+            result = Result(study=name, title=spec.title, article=f"article {spec.article}",
+                            claim="(study failed before reporting its claim)", verdict="not tested",
+                            verdict_detail=f"the study raised {type(exc).__name__}: {exc}",
+                            notes=[tb[-2000:]], wall_time_s=time.perf_counter() - t0, mode=mode)
+        results.append(result)
+        print(f"    {result.verdict}: {result.verdict_detail[:300]}  ({result.wall_time_s:.1f} s)", flush=True)
+    total = time.perf_counter() - t_start
+    meta = {
+        "mode": mode, "seed": args.seed, "device": device, "studies": names,
+        "command": "kexue " + " ".join(shlex.quote(a) for a in args.argv),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(), "total_time_s": total, "failed": failed, "environment": environment(),
+        "data_dir": args.data_dir or os.environ.get("KEXUE_DATA_DIR"),
+    }
+    out = builder.commit(results, meta)
+    print(f"report: {out / 'index.html'} ({total:.0f} s in all)")
+    if failed:
+        print(f"kexue: {len(failed)} stud{'y' if len(failed) == 1 else 'ies'} failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchOptions, format_rows, load_all
+
+    benches = load_all()
+    names = args.names or sorted(benches)
+    unknown = [n for n in names if n not in benches]
+    if unknown:
+        print(f"kexue: unknown benchmark {', '.join(unknown)}; known: {', '.join(sorted(benches))}",
+              file=sys.stderr)
+        return 2
+    opts = BenchOptions(device=_resolve_device(args.device), quick=args.quick)
+    print(f"machine: {_machine()}")
+    out = {}
+    for name in names:
+        t0 = time.perf_counter()
+        rows = benches[name](opts)
+        print(format_rows(name, rows))
+        print(f"({time.perf_counter() - t0:.1f} s)\n", flush=True)
+        out[name] = [r.to_dict() for r in rows]
+    if args.json:
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"machine": _machine(), "benchmarks": out}, indent=2))
+        os.replace(tmp, args.json)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from .train.__main__ import main as train_main
+
+    return int(train_main(rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kexue", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"kexue {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pl = sub.add_parser("list", help="studies, datasets (and where each resolves), benchmarks")
+    pl.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $KEXUE_DATA_DIR)")
+
+    pr = sub.add_parser("reproduce", help="run studies and write a report (HTML + PNG + JSON)")
+    pr.add_argument("studies", nargs="*", help="study names (default: all; see `kexue list`)")
+    g = pr.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="small, fast configuration (the default)")
+    g.add_argument("--full", action="store_true", help="the full configuration (see `kexue list` for times)")
+    pr.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $KEXUE_DATA_DIR)")
+    pr.add_argument("--out", default="report", help="report folder, replaced atomically (default: report)")
+    pr.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    pr.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    pb = sub.add_parser("bench", help="time our pieces against the peers, side by side")
+    pb.add_argument("names", nargs="*", help="benchmark names (default: all)")
+    pb.add_argument("--quick", action="store_true", help="smaller sizes")
+    pb.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    pb.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+    sub.add_parser("train", help="train an image classifier (runs under torchrun too); "
+                                 "`kexue train --help` for options", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        return cmd_train(argparse.Namespace(), argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.command == "list":
+        return cmd_list(args)
+    if args.command == "reproduce":
+        return cmd_reproduce(args)
+    if args.command == "bench":
+        return cmd_bench(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
