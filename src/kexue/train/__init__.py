@@ -1,0 +1,23 @@
+"""Training loops: :func:`fit` for image classification / metric learning with checkpoints, exact resume
+and DDP (see :mod:`kexue.train.loop`), torch-only augmentations (:mod:`kexue.train.transforms`), atomic
+checkpoints (:mod:`kexue.train.checkpoint`) and ``torchrun`` helpers (:mod:`kexue.train.distributed`).
+
+Example:
+    >>> import torch
+    >>> from kexue.train import TrainConfig, fit
+    >>> x = torch.randn(32, 3); y = (x.sum(1) > 0).long()
+    >>> h = fit(torch.nn.Linear(3, 2), (x, y), TrainConfig(epochs=1, batch_size=8, progress=False))
+    >>> len(h)
+    1
+
+``python -m kexue.train --help`` trains an image classifier from the command line (also under torchrun).
+"""
+
+from kexue.train import distributed
+from kexue.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from kexue.train.loop import TrainConfig, TrainHistory, derive_seed, evaluate, fit, lr_factor
+from kexue.train.transforms import FlipCrop, random_crop, random_horizontal_flip
+
+__all__ = ["TrainConfig", "TrainHistory", "fit", "evaluate", "lr_factor", "derive_seed", "FlipCrop",
+           "random_crop", "random_horizontal_flip", "save_checkpoint", "load_checkpoint", "checkpoint_path",
+           "distributed"]

@@ -1,0 +1,298 @@
+"""The training loop: fit on tiny problems, config validation, transforms, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kexue.train import FlipCrop, TrainConfig, TrainHistory, fit, lr_factor, random_crop, random_horizontal_flip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The CI box has 2 shared cores: one intra-op thread avoids oversubscription and keeps runs deterministic.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def blobs(n=128, d=6, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, d, generator=g) * 2
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centres[y] + torch.randn(n, d, generator=g)
+    return x, y
+
+
+def mlp(d=6, classes=3, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(d, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes))
+
+
+# ------------------------------------------------------------------------------------------------ fit
+
+def test_fit_reduces_loss_and_reports_metrics():
+    x, y = blobs()
+    h = fit(mlp(), (x, y), TrainConfig(epochs=4, batch_size=16, lr=0.1, progress=False), eval_data=(x, y))
+    assert isinstance(h, TrainHistory) and len(h) == 4
+    losses = h.column("train_loss")
+    assert losses[-1] < 0.5 * losses[0]
+    assert h.last["test_acc"] > 0.9
+    assert math.isclose(h.last["test_error"], 1 - h.last["test_acc"])
+    assert set(h.last) >= {"epoch", "train_loss", "lr", "test_loss", "test_acc", "test_error", "time"}
+    assert h.column("epoch") == [0, 1, 2, 3]
+
+
+def test_fit_is_reproducible_from_seed_and_leaves_global_rng_alone():
+    x, y = blobs()
+    cfg = TrainConfig(epochs=2, batch_size=16, progress=False, seed=3)
+    net = mlp(seed=1)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = fit(net, (x, y), cfg).model
+    assert torch.equal(torch.get_rng_state(), before)
+    b = fit(mlp(seed=1), (x, y), cfg).model
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    c = fit(mlp(seed=1), (x, y), TrainConfig(epochs=2, batch_size=16, progress=False, seed=4)).model
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_dropout_inside_fit_is_seeded():
+    x, y = blobs()
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 3))
+
+    cfg = TrainConfig(epochs=1, batch_size=16, progress=False)
+    torch.manual_seed(1)
+    a = fit(net(), (x, y), cfg).model
+    torch.manual_seed(2)  # a different global state must not matter
+    b = fit(net(), (x, y), cfg).model
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_uint8_images_small_cnn_with_augment_and_dataset_input():
+    from kexue.nn.vision import SmallCNN
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (48,), generator=g)
+    x = torch.randint(0, 100, (48, 1, 12, 12), generator=g, dtype=torch.uint8)
+    x[y == 1, :, 3:9, 3:9] = 255  # a bright square means class 1
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, progress=False)
+    torch.manual_seed(0)
+    h = fit(SmallCNN(1, 2, width=4), (x, y), cfg, augment=FlipCrop(padding=1), eval_data=(x, y))
+    assert h.column("train_loss")[-1] < h.column("train_loss")[0]
+    ds = torch.utils.data.TensorDataset(x, y)
+    torch.manual_seed(0)
+    h2 = fit(SmallCNN(1, 2, width=4), ds, cfg, augment=FlipCrop(padding=1), eval_data=(x, y))
+    # a Dataset and the equivalent tensors give the same run
+    assert h2.column("train_loss") == pytest.approx(h.column("train_loss"), rel=1e-6)
+
+
+def test_batch_transform_and_custom_loss_receive_what_they_should():
+    x, y = blobs(n=40)
+    seen = []
+
+    def bt(xb, yb, gen, epoch):
+        assert isinstance(gen, torch.Generator)
+        seen.append((epoch, xb.shape[0]))
+        lam = 0.7
+        perm = torch.randperm(xb.shape[0], generator=gen)
+        return lam * xb + (1 - lam) * xb[perm], (yb, yb[perm], lam)
+
+    def mixed_ce(logits, t):
+        ya, yb, lam = t
+        return lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
+
+    h = fit(mlp(), (x, y), TrainConfig(epochs=2, batch_size=16, progress=False), loss_fn=mixed_ce,
+            batch_transform=bt)
+    assert seen == [(0, 16), (0, 16), (0, 8), (1, 16), (1, 16), (1, 8)]
+    assert all(math.isfinite(v) for v in h.column("train_loss"))
+
+
+def test_loss_module_parameters_are_trained():
+    x, y = blobs()
+
+    class Centres(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, emb, t):
+            return F.cross_entropy(F.normalize(emb, dim=1) @ F.normalize(self.w, dim=1).T * 10, t)
+
+    loss = Centres()
+    w0 = loss.w.detach().clone()
+    h = fit(mlp(classes=4), (x, y), TrainConfig(epochs=2, batch_size=32, progress=False), loss_fn=loss)
+    assert not torch.equal(loss.w.detach(), w0)
+    assert h.loss_fn is loss
+
+
+def test_metrics_fn_values_are_recorded():
+    x, y = blobs(n=32)
+    calls = []
+
+    def metrics(model, epoch):
+        calls.append(epoch)
+        assert not model.training
+        return {"wnorm": torch.linalg.vector_norm(model[0].weight), "tag": "ok"}
+
+    h = fit(mlp(), (x, y), TrainConfig(epochs=2, batch_size=16, progress=False), metrics_fn=metrics)
+    assert calls == [0, 1]
+    assert isinstance(h.last["wnorm"], float) and h.last["tag"] == "ok"
+
+
+def test_schedule_warmup_and_cosine():
+    assert [lr_factor(s, 10, 2, "cosine") for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2, "cosine") == 1.0
+    assert lr_factor(9, 10, 0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert lr_factor(7, 10, 2, "constant") == 1.0
+    x, y = blobs(n=64)
+    h = fit(mlp(), (x, y), TrainConfig(epochs=4, batch_size=16, lr=0.2, warmup_epochs=1, progress=False))
+    lrs = h.column("lr")  # lr at each epoch's first step
+    assert lrs[0] == pytest.approx(0.2 / 4)
+    assert lrs[1] == pytest.approx(0.2)
+    assert lrs[1] > lrs[2] > lrs[3] > 0
+    hc = fit(mlp(), (x, y), TrainConfig(epochs=2, batch_size=16, lr=0.2, schedule="constant", progress=False))
+    assert hc.column("lr") == [0.2, 0.2]
+
+
+def test_adamw_and_drop_last():
+    x, y = blobs(n=40)
+    steps = []
+    h = fit(mlp(), (x, y), TrainConfig(epochs=1, batch_size=16, optimizer="adamw", lr=1e-2, drop_last=True,
+                                       progress=False),
+            batch_transform=lambda a, b, g, e: (steps.append(a.shape[0]) or a, b))
+    assert steps == [16, 16] and len(h) == 1
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(epochs=0), ValueError, "epochs"),
+    (dict(epochs=2.0), TypeError, "epochs"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(lr=0), ValueError, "lr"),
+    (dict(lr=float("nan")), TypeError, "lr"),
+    (dict(momentum=1.0), ValueError, "momentum"),
+    (dict(weight_decay=-1e-4), ValueError, "weight_decay"),
+    (dict(optimizer="adam"), ValueError, "optimizer"),
+    (dict(schedule="step"), ValueError, "schedule"),
+    (dict(warmup_epochs=11), ValueError, "warmup_epochs"),
+    (dict(resume=True), ValueError, "checkpoint_dir"),
+    (dict(amp="fp16"), ValueError, "amp"),
+    (dict(device="gpu0"), ValueError, "device"),
+    (dict(grad_clip=0), ValueError, "grad_clip"),
+    (dict(seed=-1), ValueError, "seed"),
+])
+def test_config_validation(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_fit_input_validation():
+    x, y = blobs(n=16)
+    cfg = TrainConfig(epochs=1, batch_size=8, progress=False)
+    with pytest.raises(TypeError, match="config"):
+        fit(mlp(), (x, y), {"epochs": 1})
+    with pytest.raises(TypeError, match="model"):
+        fit(lambda t: t, (x, y), cfg)
+    with pytest.raises(ValueError, match="first dimension"):
+        fit(mlp(), (x, y[:-1]), cfg)
+    with pytest.raises(TypeError, match="train"):
+        fit(mlp(), 3, cfg)
+    with pytest.raises(TypeError, match="loss_fn"):
+        fit(mlp(), (x, y), cfg, loss_fn=3)
+    with pytest.raises(ValueError, match="scalar"):
+        fit(mlp(), (x, y), cfg, loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    with pytest.raises(FloatingPointError, match="loss"):
+        fit(mlp(), (x, y), cfg, loss_fn=lambda o, t: o.sum() * float("nan"))
+    with pytest.raises(ValueError, match="drop_last"):
+        fit(mlp(), (x, y), TrainConfig(epochs=1, batch_size=32, drop_last=True, progress=False))
+    cfg.lr = -1.0  # mutated after creation: fit validates again
+    with pytest.raises(ValueError, match="lr"):
+        fit(mlp(), (x, y), cfg)
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+def reference_crop(x, padding, mode, oy, ox):
+    """Per-sample loop with F.pad: the plain reference for random_crop."""
+    pad_mode = {"zero": "constant", "reflect": "reflect", "replicate": "replicate"}[mode]
+    out = []
+    h, w = x.shape[-2:]
+    for i in range(x.shape[0]):
+        p = F.pad(x[i:i + 1].double(), (padding,) * 4, mode=pad_mode)
+        out.append(p[:, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w])
+    return torch.cat(out).to(x.dtype)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "zero", "replicate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.uint8])
+def test_random_crop_matches_padded_reference(mode, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(5, 2, 7, 9, generator=g) * 255).to(dtype)
+    pad = 3
+    out = random_crop(x, padding=pad, mode=mode, generator=torch.Generator().manual_seed(11))
+    g2 = torch.Generator().manual_seed(11)  # the same draws the function makes
+    oy = torch.randint(0, 2 * pad + 1, (5,), generator=g2)
+    ox = torch.randint(0, 2 * pad + 1, (5,), generator=g2)
+    ref = reference_crop(x, pad, mode, oy.tolist(), ox.tolist())
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out, ref)
+    assert not torch.equal(out, x)
+
+
+def test_random_crop_size_and_zero_padding_is_identity():
+    x = torch.rand(4, 3, 10, 10)
+    assert torch.equal(random_crop(x, padding=0, generator=torch.Generator().manual_seed(0)), x)
+    out = random_crop(x, size=6, padding=0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 6, 6)
+    # every crop is a window of its own image
+    for i in range(4):
+        windows = x[i].unfold(1, 6, 1).unfold(2, 6, 1)  # [C, 5, 5, 6, 6]
+        assert any(torch.equal(windows[:, a, b], out[i]) for a in range(5) for b in range(5))
+
+
+def test_flip_per_sample_and_generator_reproducible():
+    x = torch.arange(2 * 1 * 3 * 4, dtype=torch.float32).reshape(2, 1, 3, 4).repeat(50, 1, 1, 1)
+    out = random_horizontal_flip(x, generator=torch.Generator().manual_seed(5))
+    flipped = (out != x).flatten(1).any(1)
+    assert torch.equal(out[flipped], x[flipped].flip(-1))
+    assert 20 < flipped.sum() < 80  # about half, per sample
+    again = random_horizontal_flip(x, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out, again)
+    assert torch.equal(random_horizontal_flip(x, p=0.0), x)
+    assert torch.equal(random_horizontal_flip(x, p=1.0), x.flip(-1))
+    u = x.to(torch.uint8)
+    assert random_horizontal_flip(u, generator=torch.Generator().manual_seed(5)).dtype == torch.uint8
+
+
+def test_flipcrop_reproducible_and_input_untouched():
+    x = torch.rand(16, 3, 8, 8)
+    keep = x.clone()
+    aug = FlipCrop(padding=2, mode="zero")
+    a = aug(x, torch.Generator().manual_seed(1))
+    b = aug(x, torch.Generator().manual_seed(1))
+    c = aug(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(x, keep)
+
+
+def test_transform_bad_input():
+    with pytest.raises(ValueError, match="x"):
+        random_crop(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match="mode"):
+        random_crop(torch.rand(1, 1, 8, 8), mode="wrap")
+    with pytest.raises(ValueError, match="padding"):
+        random_crop(torch.rand(1, 1, 4, 4), padding=4)  # reflect needs padding < side
+    with pytest.raises(ValueError, match="padding"):
+        random_crop(torch.rand(1, 1, 4, 4), padding=-1)
+    with pytest.raises(ValueError, match="p must"):
+        random_horizontal_flip(torch.rand(1, 1, 4, 4), p=1.5)
+    with pytest.raises(TypeError, match="generator"):
+        random_horizontal_flip(torch.rand(1, 1, 4, 4), generator=0)
