@@ -1,0 +1,179 @@
+"""Softmax attention entry point over ``F.scaled_dot_product_attention``, and its naive reference.
+
+:func:`attention` is the fast path: the mask (bool, additive float or a predicate from
+:mod:`kexue.attention.masks`) goes to SDPA, and a per-row scale — Su's entropy-invariant
+``log_512(n_i)/sqrt(d)`` (kexue.fm/archives/8823), a per-head learnable :class:`LogNScale`, or any tensor —
+is applied by pre-multiplying q, so the fused kernel still runs. :func:`attention_reference` materialises
+``softmax(scale * Q K^T + mask) V`` and is what the tests hold the fast path to.
+
+Conventions shared by both:
+
+* tensors are ``q [B, H, Q, D]``, ``k [B, H, K, D]``, ``v [B, H, K, Dv]``; the mask broadcasts to
+  ``[B, H, Q, K]``, True = may attend (additive float masks: ``-inf`` = hidden).
+* ``is_causal`` is SDPA's: top-left aligned, key ``j`` visible to query ``i`` iff ``j <= i``. It may be
+  combined with ``mask`` (they are ANDed). For a kv-cache (``K > Q``, queries are the last positions) pass
+  :func:`~kexue.attention.masks.causal_mask` ``(Q, K)``, which is right-aligned.
+* a **fully masked row** (a query that may see no key) outputs **0**, and gets zero gradients — never NaN.
+* ``n_i`` for ``scale="entropy"`` is the number of keys row ``i`` may see (padding and causal structure
+  included), floored at ``min_n`` (16, as in Su's bert4keras ``softmax_plus``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kexue._checks import check_tensor, compute_dtype
+
+from .masks import MaskMod, _as_allowed
+from .scaling import ScaleArg, _check_base, _check_min_n, _row_multiplier
+
+__all__ = ["attention", "attention_reference"]
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
+    check_tensor("q", q, floating=True, dim=4)
+    check_tensor("k", k, floating=True, dim=4)
+    check_tensor("v", v, floating=True, dim=4)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, Lq, D = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"k must have shape [B, H, K, D] = [{B}, {H}, K, {D}], got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must have shape [B, H, K, Dv] = [{B}, {H}, {k.shape[2]}, Dv], got {tuple(v.shape)}")
+    if D == 0:
+        raise ValueError("q must have head_dim > 0")
+    return B, H, Lq, k.shape[2], D
+
+
+def _check_common(scale: ScaleArg, min_n: float, base: float, dropout_p: float) -> None:
+    _check_min_n(min_n)
+    _check_base(base)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if isinstance(scale, str) and scale not in ("standard", "entropy"):
+        raise ValueError(f"scale must be 'standard', 'entropy', a positive float, a tensor or a callable, "
+                         f"got {scale!r}")
+
+
+def _needs_counts(scale: ScaleArg) -> bool:
+    return (isinstance(scale, str) and scale == "entropy") or (
+        callable(scale) and not isinstance(scale, (str, Tensor)))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = None,
+              scale: ScaleArg = "standard", *, min_n: float = 16, base: float = 512, dropout_p: float = 0.0,
+              is_causal: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    """Scaled dot-product attention with masks and length-aware scales, on the fused SDPA kernel.
+
+    ``scale``:
+
+    * ``"standard"`` — ``1/sqrt(D)``;
+    * ``"entropy"`` — Attention-E of kexue.fm/archives/8823: row ``i`` uses ``log_base(n_i)/sqrt(D)`` with
+      ``n_i = max(keys row i may see, min_n)``. Implemented as ``q_i * log_base(n_i)`` followed by SDPA with
+      ``1/sqrt(D)``. With ``is_causal=True`` and no mask, ``n_i = min(i + 1, K)`` is computed arithmetically and
+      SDPA keeps its ``is_causal`` fast path (no mask is materialised);
+    * a positive float — that scale for every row;
+    * a tensor broadcastable to ``[B, H, Q, 1]`` — the full per-row logits scale;
+    * a callable (e.g. :class:`~kexue.attention.scaling.LogNScale`) — called with the per-row key counts
+      (broadcastable to ``[B, H, Q]``), returns a q multiplier broadcastable to ``[B, H, Q, 1]``, used on top
+      of ``1/sqrt(D)``.
+
+    ``mask`` is a bool tensor broadcastable to ``[B, H, Q, K]`` (True = may attend), an additive float mask,
+    a predicate ``mod(b, h, q_idx, kv_idx)`` (rendered here) or ``None``. Fully masked rows output 0.
+    ``dropout_p`` is applied as given (pass 0 in eval). With a ``generator`` the dropout is drawn from it and
+    the computation falls back to :func:`attention_reference` (the fused kernel draws from the global RNG).
+
+    Example:
+        >>> q = k = v = torch.randn(2, 4, 16, 8)
+        >>> out = attention(q, k, v, is_causal=True, scale="entropy")
+        >>> out.shape
+        torch.Size([2, 4, 16, 8])
+    """
+    B, H, Lq, Lk, D = _check_qkv(q, k, v)
+    _check_common(scale, min_n, base, dropout_p)
+    if dropout_p > 0 and generator is not None:
+        return attention_reference(q, k, v, mask, scale, min_n=min_n, base=base, dropout_p=dropout_p,
+                                   is_causal=is_causal, generator=generator)
+    if Lk == 0 or Lq == 0:                      # degenerate: every row is empty (output 0) or no rows
+        return attention_reference(q, k, v, mask, scale, min_n=min_n, base=base, is_causal=is_causal)
+    counts_needed = _needs_counts(scale)
+    float_mask = isinstance(mask, Tensor) and mask.is_floating_point()
+
+    if mask is None:
+        # no mask: either nothing hidden, or SDPA's own causal path (top-left, every row sees >= 1 key)
+        counts = None
+        if counts_needed:
+            i = torch.arange(Lq, device=q.device)
+            counts = (i + 1).clamp_max(Lk) if is_causal else torch.full((Lq,), Lk, device=q.device)
+        mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
+        qs = q if mult is None else q * mult
+        return F.scaled_dot_product_attention(qs, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=s)
+
+    allowed = _as_allowed(mask, B, H, Lq, Lk, is_causal, q.device)
+    assert allowed is not None
+    counts = allowed.sum(-1)                     # [b|1, h|1, Q]: keys each row may see
+    empty = counts == 0
+    any_empty = bool(empty.any())
+    mult, s = _row_multiplier(scale, counts if counts_needed else None, D, min_n, base, q)
+    qs = q if mult is None else q * mult
+    if float_mask:
+        m4 = mask.to(q.dtype).reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        attn_mask = m4.masked_fill(~allowed, float("-inf")) if is_causal else m4
+        if any_empty:
+            attn_mask = attn_mask.masked_fill(empty.unsqueeze(-1), 0.0)
+    else:
+        attn_mask = allowed | empty.unsqueeze(-1) if any_empty else allowed
+    out = F.scaled_dot_product_attention(qs, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=s)
+    if any_empty:
+        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+    return out
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = None,
+                        scale: ScaleArg = "standard", *, min_n: float = 16, base: float = 512,
+                        dropout_p: float = 0.0, is_causal: bool = False,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """Naive ``softmax(scale * Q K^T + mask) V`` on materialised scores; the reference for :func:`attention`.
+
+    Same arguments and conventions as :func:`attention`. Computes in fp32 for fp16/bf16 inputs (fp64 stays
+    fp64) and returns the input dtype. The per-row key counts for ``scale="entropy"`` are read off the
+    materialised mask. Dropout (if any) zeroes attention probabilities with a draw from ``generator`` and
+    rescales by ``1/(1 - dropout_p)``.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 5, 4)
+        >>> torch.allclose(attention_reference(q, k, v, is_causal=True), attention(q, k, v, is_causal=True),
+        ...                atol=1e-6)
+        True
+    """
+    B, H, Lq, Lk, D = _check_qkv(q, k, v)
+    _check_common(scale, min_n, base, dropout_p)
+    cd = compute_dtype(q.dtype)
+    qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
+    allowed = _as_allowed(mask, B, H, Lq, Lk, is_causal, q.device)
+    if allowed is None:
+        allowed = torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    counts = allowed.expand(*allowed.shape[:2], Lq, Lk).sum(-1)
+    empty = (counts == 0).unsqueeze(-1)
+    logits = qf @ kf.transpose(-1, -2)
+    if isinstance(scale, str) and scale == "standard":
+        logits = logits / math.sqrt(D)
+    else:
+        mult, s = _row_multiplier(scale, counts if _needs_counts(scale) else None, D, min_n, base, qf)
+        logits = logits * s
+        if mult is not None:
+            logits = logits * mult.to(cd)
+    if isinstance(mask, Tensor) and mask.is_floating_point():
+        logits = logits + torch.where(allowed, mask.to(cd), torch.zeros((), dtype=cd, device=q.device))
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    logits = logits.masked_fill(empty, 0.0)           # keep softmax finite; the row is zeroed below
+    p = torch.softmax(logits, dim=-1).masked_fill(empty, 0.0)
+    if dropout_p > 0:
+        keep = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) >= dropout_p
+        p = p * keep / (1.0 - dropout_p)
+    return (p @ vf).to(q.dtype)

@@ -1,0 +1,185 @@
+"""attention() (SDPA fast path, per-row q pre-scale) against attention_reference(): values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kexue.attention import (
+    LogNScale,
+    and_masks,
+    attention,
+    attention_reference,
+    causal,
+    causal_mask,
+    padding,
+    padding_mask,
+    prefix_lm_mask,
+    sliding_window_mask,
+    unilm,
+    unilm_mask,
+)
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
+       torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+def _masks(B, L):
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    am = (torch.arange(L)[None] < lengths[:, None]).long()
+    src = torch.randint(0, L + 1, (B,), generator=g)
+    seg = (torch.arange(L)[None] >= src[:, None]).long()
+    return {
+        "none": None,
+        "causal_tensor": causal_mask(L),
+        "padding": padding_mask(am),
+        "unilm_pad": unilm_mask(seg, am),
+        "prefix": prefix_lm_mask(L // 3, L),
+        "predicate": and_masks(unilm(seg), padding(am)),
+        "window": and_masks(causal(), sliding_window_mask(3)),
+        "additive": torch.zeros(L, L).masked_fill(~causal_mask(L), float("-inf")),
+    }
+
+
+SCALES = ["standard", "entropy", 0.37, "tensor", "lognscale"]
+
+
+def _scale(name, B, H, L):
+    if name == "tensor":
+        return torch.rand(B, H, L, 1, generator=torch.Generator().manual_seed(5)) * 0.5 + 0.1
+    if name == "lognscale":
+        m = LogNScale(H, learnable=True)
+        with torch.no_grad():
+            m.s.copy_(torch.linspace(0.5, 1.5, H))
+        return m
+    return name
+
+
+def _run(fn, q, k, v, **kw):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype)
+    (out.float() * g.float()).sum().backward()
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_name", list(_masks(2, 9)))
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_matches_reference(dtype, mask_name, scale, is_causal):
+    B, H, L, D = 2, 3, 9, 8
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(dtype) for _ in range(3))
+    mask = _masks(B, L)[mask_name]
+    kw = dict(mask=mask, scale=_scale(scale, B, H, L), is_causal=is_causal, min_n=4)
+    got = _run(attention, q, k, v, **kw)
+    want = _run(attention_reference, q, k, v, **kw)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (5, 12), (12, 5), (33, 33)])
+@pytest.mark.parametrize("scale", ["standard", "entropy"])
+def test_shapes_and_cross_lengths(Lq, Lk, scale):
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, Lq, 16, generator=g)
+    k, v = torch.randn(1, 2, Lk, 16, generator=g), torch.randn(1, 2, Lk, 4, generator=g)
+    for is_causal in (False, True):
+        got = _run(attention, q, k, v, scale=scale, is_causal=is_causal, min_n=2)
+        want = _run(attention_reference, q, k, v, scale=scale, is_causal=is_causal, min_n=2)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if Lk >= Lq:  # right-aligned cache mask
+        m = causal_mask(Lq, Lk)
+        got = _run(attention, q, k, v, mask=m, scale=scale)
+        want = _run(attention_reference, q, k, v, mask=m, scale=scale)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_is_plain_softmax_attention():
+    """The reference itself, against a per-row loop written from the formula."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 4, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    m = torch.tensor([[1, 0, 0, 1], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    out = attention_reference(q, k, v, m, scale=0.5)
+    for i in range(4):
+        idx = m[i].nonzero().flatten()
+        if len(idx) == 0:
+            assert out[0, 0, i].abs().max() == 0
+            continue
+        w = torch.softmax(0.5 * (k[0, 0, idx] @ q[0, 0, i]), dim=0)
+        torch.testing.assert_close(out[0, 0, i], w @ v[0, 0, idx])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scale", ["standard", "entropy"])
+def test_fully_masked_rows_output_zero_without_nan(dtype, scale):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 6, 4, generator=g).to(dtype) for _ in range(3))
+    am = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    seg = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]])
+    m = unilm_mask(seg, am)          # batch 1 has no visible key at all
+    additive = torch.zeros(2, 1, 6, 6).masked_fill(~m, float("-inf"))
+    for mask in (m, additive):
+        out, gq, gk, gv = _run(attention, q, k, v, mask=mask, scale=scale)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        for t in (out, gq, gk, gv):
+            assert torch.isfinite(t).all()
+        assert torch.equal(gq[1], torch.zeros_like(gq[1]))
+        want = _run(attention_reference, q, k, v, mask=mask, scale=scale)
+        for a, b in zip((out, gq, gk, gv), want):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+def test_empty_lengths():
+    q = torch.randn(1, 1, 3, 4, requires_grad=True)
+    k, v = torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 5)
+    out = attention(q, k, v, scale="entropy")
+    assert out.shape == (1, 1, 3, 5) and torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    q0 = torch.randn(1, 1, 0, 4)
+    assert attention(q0, torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 5)).shape == (1, 1, 0, 5)
+
+
+def test_dropout_with_generator_is_reproducible_and_zero_dropout_is_identity():
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    a = attention(q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(9))
+    b = attention(q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(9))
+    c = attention(q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(10))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # E[dropout output] = output: average of many draws approaches the dropout-free value
+    g = torch.Generator().manual_seed(0)
+    avg = torch.stack([attention(q, k, v, dropout_p=0.3, generator=g) for _ in range(400)]).mean(0)
+    torch.testing.assert_close(avg, attention(q, k, v), rtol=0, atol=0.15)
+
+
+def test_bad_inputs():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="q must have 4 dimensions"):
+        attention(q[0], q, q)
+    with pytest.raises(ValueError, match="k must have shape"):
+        attention(q, torch.randn(1, 2, 4, 7), q)
+    with pytest.raises(ValueError, match="v must have shape"):
+        attention(q, q, torch.randn(1, 2, 5, 8))
+    with pytest.raises(TypeError, match="floating-point"):
+        attention(q.long(), q.long(), q.long())
+    with pytest.raises(TypeError, match="share a dtype"):
+        attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="scale must be"):
+        attention(q, q, q, scale="logn")
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        attention(q, q, q, scale=-1.0)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attention(q, q, q, mask=torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be a bool"):
+        attention(q, q, q, mask=torch.ones(4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="min_n"):
+        attention(q, q, q, scale="entropy", min_n=0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention(q, q, q, dropout_p=1.0)
