@@ -296,3 +296,162 @@ def test_transform_bad_input():
         random_horizontal_flip(torch.rand(1, 1, 4, 4), p=1.5)
     with pytest.raises(TypeError, match="generator"):
         random_horizontal_flip(torch.rand(1, 1, 4, 4), generator=0)
+
+
+# ------------------------------------------------------------------------------------ checkpoint / resume
+
+class _Interrupt(Exception):
+    pass
+
+
+def _resume_setup(tmp_path, name):
+    from kexue.nn.vision import SmallCNN
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 1, 10, 10), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 3, (40,), generator=g)
+
+    class Centres(torch.nn.Module):  # a loss with parameters, as margin losses have
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)))
+
+        def forward(self, emb, t):
+            ya, yb, lam = t
+            logits = F.normalize(emb, dim=1) @ F.normalize(self.w, dim=1).T * 8
+            return lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
+
+    def mix(xb, yb, gen, epoch):
+        lam = float(torch.rand((), generator=gen))
+        perm = torch.randperm(xb.shape[0], generator=gen)
+        return lam * xb + (1 - lam) * xb[perm], (yb, yb[perm], lam)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(SmallCNN(1, None, width=4, embedding_dim=8), torch.nn.Dropout(0.2))
+    cfg = TrainConfig(epochs=3, batch_size=16, optimizer="adamw", lr=3e-3, warmup_epochs=0.5, progress=False,
+                      checkpoint_dir=str(tmp_path / name), seed=5)
+    return net, Centres(), (x, y), cfg, mix
+
+
+def _state(net, loss):
+    return {**{f"m.{k}": v for k, v in net.state_dict().items()}, **{f"l.{k}": v for k, v in loss.state_dict().items()}}
+
+
+def test_resume_after_interruption_is_bitwise_identical(tmp_path):
+    from kexue.train import load_checkpoint
+
+    net, loss, data, cfg, mix = _resume_setup(tmp_path, "full")
+    full = fit(net, data, cfg, loss_fn=loss, batch_transform=mix, augment=FlipCrop(padding=1))
+    ref = _state(net, loss)
+
+    net, loss, data, cfg, mix = _resume_setup(tmp_path, "cut")
+
+    def mix_then_die(xb, yb, gen, epoch):
+        if epoch == 2:
+            raise _Interrupt
+        return mix(xb, yb, gen, epoch)
+
+    with pytest.raises(_Interrupt):
+        fit(net, data, cfg, loss_fn=loss, batch_transform=mix_then_die, augment=FlipCrop(padding=1))
+    ck = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert ck["epoch"] == 2 and len(ck["history"]) == 2
+    assert not list((tmp_path / "cut").glob("*.tmp"))  # atomic writes leave no temp files
+
+    net, loss, data, _, mix = _resume_setup(tmp_path, "cut")  # fresh objects, as after a restart
+    cfg.resume = True
+    resumed = fit(net, data, cfg, loss_fn=loss, batch_transform=mix, augment=FlipCrop(padding=1))
+    assert resumed.resumed_from == 2
+    got = _state(net, loss)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]
+
+    # resuming a finished run trains nothing and returns the stored history
+    net, loss, data, _, mix = _resume_setup(tmp_path, "cut")
+    again = fit(net, data, cfg, loss_fn=loss, batch_transform=mix)
+    assert len(again) == 3 and again.resumed_from == 3
+    assert all(torch.equal(a, b) for a, b in zip(_state(net, loss).values(), ref.values()))
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    x, y = blobs(n=32)
+    cfg = TrainConfig(epochs=2, batch_size=16, progress=False, checkpoint_dir=str(tmp_path))
+    fit(mlp(), (x, y), cfg)
+    with pytest.raises(ValueError, match="lr"):
+        fit(mlp(), (x, y), TrainConfig(epochs=2, batch_size=16, lr=0.01, progress=False,
+                                       checkpoint_dir=str(tmp_path), resume=True))
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        fit(mlp(), (x[:16], y[:16]), TrainConfig(epochs=2, batch_size=16, progress=False,
+                                                 checkpoint_dir=str(tmp_path), resume=True))
+    # resume=True with no checkpoint yet starts from scratch
+    h = fit(mlp(), (x, y), TrainConfig(epochs=1, batch_size=16, progress=False,
+                                       checkpoint_dir=str(tmp_path / "new"), resume=True))
+    assert h.resumed_from is None and len(h) == 1
+
+
+def test_atomic_checkpoint_write_keeps_old_file_on_failure(tmp_path):
+    from kexue.train import load_checkpoint, save_checkpoint
+
+    p = tmp_path / "c.pt"
+    save_checkpoint(p, {"epoch": 1})
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(p, {"epoch": 2, "bad": Boom()})
+    assert load_checkpoint(p) == {"epoch": 1}
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["c.pt"]
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def _cli_args(ckdir, epochs=4):
+    return ["--dataset", "synthetic", "--model", "smallcnn", "--width", "4", "--epochs", str(epochs),
+            "--batch-size", "32", "--train-size", "384", "--test-size", "128", "--lr", "0.05", "--seed", "2",
+            "--checkpoint-dir", str(ckdir), "--no-progress", "--threads", "1"]
+
+
+@pytest.mark.slow
+def test_cli_kill_and_resume_reaches_the_uninterrupted_weights(tmp_path, capsys):
+    """SIGKILL `python -m kexue.train` right after its first checkpoint, resume, compare to a clean run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kexue.train import load_checkpoint
+    from kexue.train.__main__ import main
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kexue.train", *_cli_args(killed)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ck = killed / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    try:
+        while not ck.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    at_kill = load_checkpoint(ck)["epoch"]
+    assert 1 <= at_kill < 4, "the run must be cut mid-way"
+
+    assert main(_cli_args(killed) + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {ck} after epoch {at_kill}/4" in out
+    clean = tmp_path / "clean"
+    assert main(_cli_args(clean)) == 0
+    a, b = load_checkpoint(ck), load_checkpoint(clean / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 4
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    assert b["history"][-1]["test_acc"] > 0.5  # and it learned something

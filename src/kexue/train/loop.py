@@ -21,6 +21,7 @@ world size so the chunks stay equal.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -61,7 +62,8 @@ class TrainConfig:
     - ``device``: ``"cpu"``, ``"cuda"`` (under torchrun each rank takes ``cuda:LOCAL_RANK``) or ``"cuda:N"``.
     - ``checkpoint_dir``: when set, ``checkpoint.pt`` is written there atomically after every epoch;
       ``resume=True`` continues from it when it exists.
-    - ``progress``: a tqdm bar and a metrics line per epoch (rank 0 only).
+    - ``progress``: a tqdm bar (rank 0 only); ``log``: one metrics line per epoch on stdout (rank 0 only;
+      default: the same as ``progress``).
     - ``eval_batch_size``; ``grad_clip`` (max global grad norm, or None); ``amp``: None or ``"bf16"``
       (autocast on the forward pass).
 
@@ -85,6 +87,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     drop_last: bool = False
+    log: bool | None = None
     eval_batch_size: int = 1024
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
@@ -389,7 +392,8 @@ def _check_compatible(state: dict[str, Any], config: TrainConfig, world: int, st
 def _print(msg: str) -> None:
     from tqdm.auto import tqdm
 
-    tqdm.write(msg)
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _format(rec: dict[str, Any], epochs: int) -> str:
@@ -506,7 +510,7 @@ def fit(model: nn.Module, train: Any, config: TrainConfig | None = None, *,
         scheduler.load_state_dict(state["scheduler"])
         history = list(state["history"])
         start_epoch = resumed_from = int(state["epoch"])
-        if main and config.progress:
+        if main and (config.progress if config.log is None else config.log):
             _print(f"resumed from {ckpt} after epoch {start_epoch}/{config.epochs}")
 
     joint = _Joint(model, loss_fn)
@@ -547,7 +551,7 @@ def fit(model: nn.Module, train: Any, config: TrainConfig | None = None, *,
                 "rng": {"seed": config.seed, "scheme": "derive_seed(seed, epoch, stream, rank)"},
             })
         D.barrier()
-        if main and config.progress:
+        if main and (config.progress if config.log is None else config.log):
             _print(_format(record, config.epochs))
     model.train(False)
     return TrainHistory(history, model, loss_fn, resumed_from)
