@@ -1,0 +1,395 @@
+"""Initialisation schemes and diagnostics, read from the geometric view (Su Jianlin, kexue.fm/archives/7180).
+
+The article's argument: in high dimension random vectors are nearly orthogonal, so a matrix with i.i.d.
+entries of mean 0 and variance 1/m (m = output dimension, "fan_out") has W^T W ~ I, i.e. it is nearly
+orthogonal and keeps ||W x|| ~ ||x||. ReLU halves the squared norm, hence the gain sqrt(2) (He).
+
+In-place functions in the style of :mod:`torch.nn.init`; every one takes ``generator=``:
+
+* :func:`geometric_` -- variance ``gain^2 / fan_out`` (the article's rule).
+* :func:`lecun_normal_`, :func:`xavier_normal_`, :func:`xavier_uniform_`, :func:`he_normal_`.
+* :func:`variance_scaling_` -- the TF/JAX family, with the truncated normal's std corrected by 0.8796...
+* :func:`trunc_normal_` -- truncated normal whose bounds are given in units of std.
+* :func:`orthogonal_` -- QR of a Gaussian, computed in fp32 so bf16/fp16 tensors work.
+* :func:`initialize` -- apply one scheme to every Linear / Conv / Embedding of a model, biases to zero.
+
+Fans follow PyTorch's convention: for a weight of shape ``(out, in, *kernel)``, ``fan_in = in * prod(kernel)``
+and ``fan_out = out * prod(kernel)``. Diagnostics: :func:`orthogonality_error` and
+:func:`signal_propagation`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ._checks import check_choice, check_positive, check_tensor
+
+__all__ = [
+    "ACTIVATIONS",
+    "SCHEMES",
+    "TRUNC_STD_CORRECTION",
+    "calculate_fans",
+    "gain",
+    "geometric_",
+    "he_normal_",
+    "initialize",
+    "lecun_normal_",
+    "orthogonal_",
+    "orthogonality_error",
+    "signal_propagation",
+    "trunc_normal_",
+    "variance_scaling_",
+    "xavier_normal_",
+    "xavier_uniform_",
+]
+
+#: std of a standard normal truncated to [-2, 2]; dividing by it restores the intended std (TF/JAX value).
+TRUNC_STD_CORRECTION = 0.87962566103423978
+MODES = ("fan_in", "fan_out", "fan_avg")
+DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
+SCHEMES = ("geometric", "lecun", "xavier", "xavier_uniform", "he", "orthogonal")
+ACTIVATIONS = ("linear", "tanh", "relu", "leaky_relu", "sigmoid")
+
+
+def calculate_fans(tensor: torch.Tensor) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a weight of shape ``(out, in, *kernel)``; conv fans include the kernel area.
+
+    Example:
+        >>> calculate_fans(torch.empty(64, 3, 5, 5))
+        (75, 1600)
+    """
+    check_tensor("tensor", tensor, min_dim=2)
+    receptive = math.prod(tensor.shape[2:])
+    return tensor.shape[1] * receptive, tensor.shape[0] * receptive
+
+
+def gain(nonlinearity: str = "linear", negative_slope: float = 0.01) -> float:
+    """The norm-keeping gain of an activation, by the article's argument.
+
+    ``linear``/``sigmoid``: 1; ``tanh``: 1 (the article: tanh(x) ~ x near 0; note torch's
+    ``calculate_gain("tanh")`` is 5/3); ``relu``: sqrt(2) (ReLU zeroes half the coordinates);
+    ``leaky_relu``: sqrt(2 / (1 + negative_slope^2)).
+
+    Example:
+        >>> round(gain("relu"), 4)
+        1.4142
+    """
+    check_choice("nonlinearity", nonlinearity, ACTIVATIONS)
+    if nonlinearity == "relu":
+        return math.sqrt(2.0)
+    if nonlinearity == "leaky_relu":
+        return math.sqrt(2.0 / (1.0 + float(negative_slope) ** 2))
+    return 1.0
+
+
+def _check_weight(tensor: object) -> torch.Tensor:
+    t = check_tensor("tensor", tensor, floating=True)
+    if t.dim() < 2:
+        raise ValueError(f"tensor must have at least 2 dimensions (out, in, *kernel) for a fan-based init, "
+                         f"got shape {tuple(t.shape)}")
+    return t
+
+
+def _fan(tensor: torch.Tensor, mode: str) -> float:
+    fan_in, fan_out = calculate_fans(tensor)
+    fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+    if fan <= 0:
+        raise ValueError(f"tensor has a zero fan ({mode}) for shape {tuple(tensor.shape)}")
+    return float(fan)
+
+
+def _sample_into(tensor: torch.Tensor, fill: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """Run ``fill`` on an fp32 (or the tensor's own fp32/fp64) buffer and copy it into ``tensor``."""
+    with torch.no_grad():
+        if tensor.dtype in (torch.float32, torch.float64) and tensor.is_contiguous():
+            fill(tensor)
+        else:
+            dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+            buf = torch.empty(tensor.shape, dtype=dtype, device=tensor.device)
+            fill(buf)
+            tensor.copy_(buf)
+    return tensor
+
+
+def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0,
+                  *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill with N(mean, std^2) truncated to ``[mean + a*std, mean + b*std]`` (bounds in units of std).
+
+    Unlike ``torch.nn.init.trunc_normal_``, whose ``a``/``b`` are absolute, the default here truncates at
+    +-2 std whatever ``std`` is. The std of the result is ``std`` times the truncated-normal factor (0.8796
+    for +-2); :func:`variance_scaling_` corrects for it.
+
+    Example:
+        >>> w = trunc_normal_(torch.empty(1000), std=0.02, generator=torch.Generator().manual_seed(0))
+        >>> bool(w.abs().max() <= 0.04)
+        True
+    """
+    check_tensor("tensor", tensor, floating=True)
+    check_positive("std", std)
+    if not a < b:
+        raise ValueError(f"a must be < b (bounds in units of std), got a={a}, b={b}")
+
+    def fill(t: torch.Tensor) -> None:
+        nn.init.trunc_normal_(t, mean=mean, std=std, a=mean + a * std, b=mean + b * std, generator=generator)
+
+    return _sample_into(tensor, fill)
+
+
+def variance_scaling_(tensor: torch.Tensor, scale: float = 1.0, mode: str = "fan_in",
+                      distribution: str = "normal", *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill so that Var = ``scale / fan`` with ``fan`` per ``mode`` (``fan_in``, ``fan_out`` or ``fan_avg``).
+
+    ``distribution``: ``"normal"`` (std sqrt(scale/fan)); ``"truncated_normal"`` (truncated at +-2 std, the
+    std divided by 0.87962566103423978 so the variance is still scale/fan, as in TF/JAX); ``"uniform"``
+    (U[-sqrt(3 scale/fan), +sqrt(3 scale/fan)]).
+
+    Example:
+        >>> w = variance_scaling_(torch.empty(256, 512), 2.0, "fan_out", "truncated_normal",
+        ...                       generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.var() * 256), 1)
+        2.0
+    """
+    _check_weight(tensor)
+    check_positive("scale", scale)
+    check_choice("mode", mode, MODES)
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    if tensor.numel() == 0:
+        return tensor
+    var = scale / _fan(tensor, mode)
+    if distribution == "normal":
+        std = math.sqrt(var)
+        return _sample_into(tensor, lambda t: t.normal_(0.0, std, generator=generator))
+    if distribution == "truncated_normal":
+        return trunc_normal_(tensor, 0.0, math.sqrt(var) / TRUNC_STD_CORRECTION, -2.0, 2.0, generator=generator)
+    bound = math.sqrt(3.0 * var)
+    return _sample_into(tensor, lambda t: t.uniform_(-bound, bound, generator=generator))
+
+
+def geometric_(tensor: torch.Tensor, gain: float = 1.0, *, distribution: str = "normal",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The article's rule: i.i.d. entries with mean 0 and variance ``gain^2 / fan_out`` (kexue.fm/archives/7180).
+
+    With variance 1/m for an m x n weight (m outputs), W^T W ~ I when m >= n, so ||W x|| ~ ||x||. Use
+    ``gain=sqrt(2)`` before a ReLU. ``distribution`` is ``"normal"``, ``"truncated_normal"`` or ``"uniform"``
+    (same variance).
+
+    Example:
+        >>> w = geometric_(torch.empty(512, 128), generator=torch.Generator().manual_seed(0))
+        >>> x = torch.randn(128, generator=torch.Generator().manual_seed(1))
+        >>> round(float((w @ x).norm() / x.norm()), 1)
+        1.0
+    """
+    check_positive("gain", gain)
+    return variance_scaling_(tensor, gain * gain, "fan_out", distribution, generator=generator)
+
+
+def lecun_normal_(tensor: torch.Tensor, *, distribution: str = "truncated_normal",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """LeCun: variance ``1 / fan_in`` (truncated normal by default, corrected, as in JAX/Flax).
+
+    Example:
+        >>> w = lecun_normal_(torch.empty(300, 400), generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.var() * 400), 1)
+        1.0
+    """
+    return variance_scaling_(tensor, 1.0, "fan_in", distribution, generator=generator)
+
+
+def xavier_normal_(tensor: torch.Tensor, gain: float = 1.0, *,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Xavier/Glorot normal: variance ``gain^2 * 2 / (fan_in + fan_out)``.
+
+    Example:
+        >>> w = xavier_normal_(torch.empty(300, 100), generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.var() * 200), 1)
+        1.0
+    """
+    check_positive("gain", gain)
+    return variance_scaling_(tensor, gain * gain, "fan_avg", "normal", generator=generator)
+
+
+def xavier_uniform_(tensor: torch.Tensor, gain: float = 1.0, *,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Xavier/Glorot uniform: U[-b, b] with ``b = gain * sqrt(6 / (fan_in + fan_out))``.
+
+    Example:
+        >>> w = xavier_uniform_(torch.empty(300, 100), generator=torch.Generator().manual_seed(0))
+        >>> bool(w.abs().max() <= (6 / 400) ** 0.5)
+        True
+    """
+    check_positive("gain", gain)
+    return variance_scaling_(tensor, gain * gain, "fan_avg", "uniform", generator=generator)
+
+
+def he_normal_(tensor: torch.Tensor, mode: str = "fan_in", nonlinearity: str = "relu",
+               negative_slope: float = 0.01, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """He/Kaiming normal: variance ``gain(nonlinearity)^2 / fan`` (2/fan for ReLU); ``mode`` may be
+    ``"fan_in"`` (He's choice, keeps forward norms for square layers), ``"fan_out"`` (the article's forward
+    rule for rectangular layers, = :func:`geometric_` with gain sqrt(2)) or ``"fan_avg"``.
+
+    Example:
+        >>> w = he_normal_(torch.empty(256, 512), generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.var() * 512), 1)
+        2.0
+    """
+    g = gain(nonlinearity, negative_slope)
+    return variance_scaling_(tensor, g * g, mode, "normal", generator=generator)
+
+
+def orthogonal_(tensor: torch.Tensor, gain: float = 1.0, *,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill with a (semi-)orthogonal matrix times ``gain``: QR of a Gaussian with the sign fix (Haar).
+
+    The weight is viewed as ``(shape[0], prod(shape[1:]))``. The Gaussian and the QR are computed in fp32 (or
+    fp64 for fp64 tensors), so fp16/bf16 tensors work; the result is rounded once into the tensor's dtype.
+    This is the exact form of the "approximately orthogonal" matrix the article's argument is about.
+
+    Example:
+        >>> w = orthogonal_(torch.empty(64, 64, dtype=torch.bfloat16), generator=torch.Generator().manual_seed(0))
+        >>> w.dtype, float(orthogonality_error(w)) < 1e-4
+        (torch.bfloat16, True)
+    """
+    _check_weight(tensor)
+    check_positive("gain", gain)
+    if tensor.numel() == 0:
+        return tensor
+    rows, cols = tensor.shape[0], tensor.numel() // tensor.shape[0]
+    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        flat = torch.randn(max(rows, cols), min(rows, cols), dtype=dtype, device=tensor.device,
+                           generator=generator)
+        q, r = torch.linalg.qr(flat)
+        d = torch.diagonal(r)
+        q = q * torch.where(d < 0, -1.0, 1.0).to(dtype)  # sign fix: makes Q Haar-distributed
+        if rows < cols:
+            q = q.T
+        tensor.copy_((gain * q).reshape(tensor.shape))
+    return tensor
+
+
+def orthogonality_error(weight: torch.Tensor) -> torch.Tensor:
+    """Mean squared entry of ``W^T W - I`` for ``W`` of shape ``(..., m, n)`` (batched), computed in >= fp32.
+
+    For i.i.d. N(0, 1/n) entries of an n x n matrix this is about 1/n (off-diagonal entries of W^T W have
+    variance 1/n, diagonal ones 2/n).
+
+    Example:
+        >>> w = torch.randn(400, 400, generator=torch.Generator().manual_seed(0)) / 20
+        >>> round(float(orthogonality_error(w)) * 400, 1)
+        1.0
+    """
+    w = check_tensor("weight", weight, floating=True, min_dim=2)
+    w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    return (w.transpose(-1, -2) @ w - eye).square().mean(dim=(-2, -1))
+
+
+def _init_weight(weight: torch.Tensor, scheme: str | Callable, nonlinearity: str,
+                 generator: torch.Generator | None) -> None:
+    if callable(scheme):
+        scheme(weight, generator=generator)
+    elif scheme == "geometric":
+        geometric_(weight, gain(nonlinearity), generator=generator)
+    elif scheme == "lecun":
+        lecun_normal_(weight, generator=generator)
+    elif scheme == "xavier":
+        xavier_normal_(weight, gain(nonlinearity), generator=generator)
+    elif scheme == "xavier_uniform":
+        xavier_uniform_(weight, gain(nonlinearity), generator=generator)
+    elif scheme == "he":
+        he_normal_(weight, "fan_in", "relu" if nonlinearity in ("linear", "tanh", "sigmoid") else nonlinearity,
+                   generator=generator)
+    else:  # orthogonal
+        orthogonal_(weight, gain(nonlinearity), generator=generator)
+
+
+def _check_scheme(scheme: object) -> None:
+    if not callable(scheme):
+        check_choice("scheme", scheme, SCHEMES)
+
+
+def initialize(module: nn.Module, scheme: str | Callable = "geometric", nonlinearity: str = "relu", *,
+               generator: torch.Generator | None = None) -> nn.Module:
+    """Initialise every Linear, Conv*d, ConvTranspose*d and Embedding of ``module`` in place; biases to 0.
+
+    ``scheme`` is one of :data:`SCHEMES` -- ``"geometric"`` (variance gain^2/fan_out, the article's rule,
+    kexue.fm/archives/7180), ``"lecun"`` (1/fan_in), ``"xavier"`` / ``"xavier_uniform"``
+    (gain^2 * 2/(fan_in+fan_out)), ``"he"`` (2/fan_in; always the ReLU gain, or leaky_relu's) or
+    ``"orthogonal"`` (gain * QR) -- or a callable ``f(weight, generator=...)``. ``nonlinearity`` picks the
+    gain (:func:`gain`). Transposed convolutions use their true fans (their weight stores ``(in, out, ...)``)
+    and an Embedding counts as the linear map from one-hot rows (fan_in = num_embeddings,
+    fan_out = embedding_dim). Norm layers are left alone. Returns ``module``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> _ = initialize(model, "geometric", "relu", generator=torch.Generator().manual_seed(0))
+        >>> int(torch.count_nonzero(model[0].bias))
+        0
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    _check_scheme(scheme)
+    check_choice("nonlinearity", nonlinearity, ACTIVATIONS)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    convt = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Linear,) + conv):
+                _init_weight(m.weight, scheme, nonlinearity, generator)
+            elif isinstance(m, convt):
+                _init_weight(m.weight.transpose(0, 1), scheme, nonlinearity, generator)
+            elif isinstance(m, nn.Embedding):
+                _init_weight(m.weight.t(), scheme, nonlinearity, generator)
+                if m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+            else:
+                continue
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.zero_()
+    return module
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    check_choice("activation", name, ACTIVATIONS)
+    return {"linear": lambda x: x, "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid,
+            "leaky_relu": lambda x: torch.nn.functional.leaky_relu(x, 0.01)}[name]
+
+
+def signal_propagation(scheme: str | Callable = "geometric", activation: str = "relu", depth: int = 50,
+                       width: int | Sequence[int] = 256, batch: int = 64, *, dtype: torch.dtype = torch.float32,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Activation-norm ratio through a deep bias-free MLP: ``h_l = act(W_l h_{l-1})``, ``h_0 = x ~ N(0, I)``.
+
+    Returns a tensor of ``depth + 1`` ratios ``rms_l / rms_0`` (root mean square of ``||h_l||`` over the
+    batch, relative to the input), so index 0 is 1. ``scheme`` is as in :func:`initialize` (the gain follows
+    ``activation``) or a callable ``f(weight, generator=...)``. ``width`` is one width for every layer or a
+    sequence of ``depth + 1`` widths (input first). A ratio that stays in [0.5, 2] means norms are kept.
+
+    Example:
+        >>> r = signal_propagation("he", "relu", depth=20, width=128, generator=torch.Generator().manual_seed(0))
+        >>> r.shape, bool(0.5 < r[-1] < 2)
+        (torch.Size([21]), True)
+    """
+    _check_scheme(scheme)
+    act = _activation(activation)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    widths = [width] * (depth + 1) if isinstance(width, int) else list(width)
+    if len(widths) != depth + 1 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"width must be a positive int or {depth + 1} positive ints, got {width!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    h = torch.randn(batch, widths[0], dtype=dtype, generator=generator)
+    rms0 = h.square().sum(-1).mean().sqrt()
+    out = [torch.ones((), dtype=dtype)]
+    for layer in range(depth):
+        w = torch.empty(widths[layer + 1], widths[layer], dtype=dtype)
+        _init_weight(w, scheme, activation, generator)
+        h = act(h @ w.T)
+        out.append(h.square().sum(-1).mean().sqrt() / rms0)
+    return torch.stack(out)
