@@ -66,20 +66,21 @@ def _run(fn, q, k, v, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask_name", list(_masks(2, 9)))
-@pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_attention_matches_reference(dtype, mask_name, scale, is_causal):
+def test_attention_matches_reference(dtype, mask_name):
     B, H, L, D = 2, 3, 9, 8
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, H, L, D, generator=g).to(dtype) for _ in range(3))
     mask = _masks(B, L)[mask_name]
-    kw = dict(mask=mask, scale=_scale(scale, B, H, L), is_causal=is_causal, min_n=4)
-    got = _run(attention, q, k, v, **kw)
-    want = _run(attention_reference, q, k, v, **kw)
-    for a, b in zip(got, want):
-        assert a.dtype == dtype
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, **TOL[dtype])
+    for scale in SCALES:
+        for is_causal in (False, True):
+            kw = dict(mask=mask, scale=_scale(scale, B, H, L), is_causal=is_causal, min_n=4)
+            got = _run(attention, q, k, v, **kw)
+            want = _run(attention_reference, q, k, v, **kw)
+            for a, b in zip(got, want):
+                assert a.dtype == dtype
+                assert torch.isfinite(a).all()
+                torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m, s=scale, c=is_causal: f"{s} "
+                                           f"causal={c}: {m}")
 
 
 @pytest.mark.parametrize("Lq,Lk", [(1, 1), (5, 12), (12, 5), (33, 33)])
@@ -155,8 +156,8 @@ def test_dropout_with_generator_is_reproducible_and_zero_dropout_is_identity():
     assert torch.equal(a, b) and not torch.equal(a, c)
     # E[dropout output] = output: average of many draws approaches the dropout-free value
     g = torch.Generator().manual_seed(0)
-    avg = torch.stack([attention(q, k, v, dropout_p=0.3, generator=g) for _ in range(400)]).mean(0)
-    torch.testing.assert_close(avg, attention(q, k, v), rtol=0, atol=0.15)
+    avg = torch.stack([attention(q, k, v, dropout_p=0.3, generator=g) for _ in range(200)]).mean(0)
+    torch.testing.assert_close(avg, attention(q, k, v), rtol=0, atol=0.2)
 
 
 def test_bad_inputs():
