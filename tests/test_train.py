@@ -455,3 +455,45 @@ def test_cli_kill_and_resume_reaches_the_uninterrupted_weights(tmp_path, capsys)
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
     assert b["history"][-1]["test_acc"] > 0.5  # and it learned something
+
+
+def test_evaluate_with_embedder_and_logits_fn():
+    from kexue.nn.vision import SmallCNN
+    from kexue.train import evaluate
+
+    torch.manual_seed(0)
+    net = SmallCNN(1, None, width=4, embedding_dim=6)
+    centres = F.normalize(torch.randn(3, 6), dim=1)
+    x = torch.rand(9, 1, 12, 12)
+    y = torch.tensor([0, 1, 2] * 3)
+    logits_fn = lambda e: F.normalize(e, dim=1) @ centres.T * 10  # noqa: E731
+    got = evaluate(net, (x, y), batch_size=4, logits_fn=logits_fn)
+    net.eval()
+    with torch.no_grad():
+        logits = logits_fn(net(x))
+    assert got["test_loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert got["test_acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    with pytest.raises(ValueError, match="eval_logits"):
+        evaluate(torch.nn.Conv2d(1, 2, 3), (x, y))
+    # fit passes eval_logits through
+    h = fit(net, (x, y), TrainConfig(epochs=1, batch_size=9, progress=False), loss_fn=lambda e, t: F.cross_entropy(
+        logits_fn(e), t), eval_data=(x, y), eval_logits=logits_fn)
+    assert 0 <= h.last["test_acc"] <= 1
+
+
+def test_cli_on_real_fashion_mnist(data_dir, tmp_path, capsys):
+    import json
+
+    from kexue.train.__main__ import main
+
+    out = tmp_path / "h.json"
+    rc = main(["--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--width", "4", "--epochs", "2",
+               "--batch-size", "64", "--train-size", "512", "--test-size", "256", "--lr", "0.05",
+               "--no-progress", "--threads", "1", "--history-json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "fashion-mnist train (512, 1, 28, 28) test (256, 1, 28, 28)" in text
+    assert "epoch 2/2" in text and "final: test_error=" in text
+    hist = json.loads(out.read_text())["history"]
+    assert len(hist) == 2 and hist[1]["train_loss"] < hist[0]["train_loss"] < math.log(10) + 0.5
+    assert 0 <= hist[1]["test_acc"] <= 1 and math.isfinite(hist[1]["test_loss"])

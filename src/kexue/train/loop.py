@@ -434,7 +434,8 @@ def fit(model: nn.Module, train: Any, config: TrainConfig | None = None, *,
     With ``config.checkpoint_dir`` an atomic checkpoint (model, loss parameters, optimizer, scheduler, epoch,
     history, config) is written after every epoch by rank 0; ``config.resume=True`` continues from it and
     reaches the same final weights as an uninterrupted run. Under ``torchrun`` the model is wrapped in DDP
-    (gloo on CPU, NCCL on CUDA) and ``config.batch_size`` is the global batch.
+    (gloo on CPU, NCCL on CUDA) and ``config.batch_size`` is the global batch. The model is returned in
+    eval mode.
 
     Example:
         >>> import torch
@@ -513,6 +514,9 @@ def fit(model: nn.Module, train: Any, config: TrainConfig | None = None, *,
         if main and (config.progress if config.log is None else config.log):
             _print(f"resumed from {ckpt} after epoch {start_epoch}/{config.epochs}")
 
+    elif ckpt is not None and ckpt.is_file() and main and (config.progress if config.log is None else config.log):
+        _print(f"note: {ckpt} exists and resume=False: starting from scratch and overwriting it")
+
     joint = _Joint(model, loss_fn)
     runner: nn.Module = joint
     if world > 1:
@@ -523,7 +527,11 @@ def fit(model: nn.Module, train: Any, config: TrainConfig | None = None, *,
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(derive_seed(config.seed, epoch, _TORCH, rank))
+            epoch_seed = derive_seed(config.seed, epoch, _TORCH, rank)
+            torch.default_generator.manual_seed(epoch_seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(epoch_seed)
             lr0 = optimizer.param_groups[0]["lr"]
             train_loss = _train_epoch(runner, joint, optimizer, scheduler, data, batches, config, epoch, rank,
                                       world, device, params, augment, batch_transform, main)
