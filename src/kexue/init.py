@@ -115,6 +115,26 @@ def _sample_into(tensor: torch.Tensor, fill: Callable[[torch.Tensor], None]) -> 
     return tensor
 
 
+def _std_trunc_normal(shape: torch.Size, a: float, b: float, dtype: torch.dtype, device: torch.device,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal truncated to [a, b]: rejection (redraw the rejects) when the kept mass is >= 0.2,
+    otherwise the inverse CDF in float64 (tails, narrow windows)."""
+    cdf = lambda x: 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))  # noqa: E731
+    lo, hi = cdf(a), cdf(b)
+    n = math.prod(shape)
+    if hi - lo >= 0.2:
+        out = torch.randn(n, dtype=dtype, device=device, generator=generator)
+        bad = (out < a) | (out > b)
+        while bool(bad.any()):
+            idx = bad.nonzero().squeeze(1)
+            out[idx] = torch.randn(idx.numel(), dtype=dtype, device=device, generator=generator)
+            bad = (out < a) | (out > b)
+        return out.reshape(shape)
+    u = torch.rand(n, dtype=torch.float64, device=device, generator=generator) * (hi - lo) + lo
+    x = torch.special.ndtri(u).clamp_(a, b)
+    return x.to(dtype).reshape(shape)
+
+
 def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0,
                   *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Fill with N(mean, std^2) truncated to ``[mean + a*std, mean + b*std]`` (bounds in units of std).
@@ -134,7 +154,7 @@ def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: 
         raise ValueError(f"a must be < b (bounds in units of std), got a={a}, b={b}")
 
     def fill(t: torch.Tensor) -> None:
-        nn.init.trunc_normal_(t, mean=mean, std=std, a=mean + a * std, b=mean + b * std, generator=generator)
+        t.copy_(_std_trunc_normal(t.shape, a, b, t.dtype, t.device, generator).mul_(std).add_(mean))
 
     return _sample_into(tensor, fill)
 
@@ -365,10 +385,12 @@ def signal_propagation(scheme: str | Callable = "geometric", activation: str = "
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Activation-norm ratio through a deep bias-free MLP: ``h_l = act(W_l h_{l-1})``, ``h_0 = x ~ N(0, I)``.
 
-    Returns a tensor of ``depth + 1`` ratios ``rms_l / rms_0`` (root mean square of ``||h_l||`` over the
-    batch, relative to the input), so index 0 is 1. ``scheme`` is as in :func:`initialize` (the gain follows
-    ``activation``) or a callable ``f(weight, generator=...)``. ``width`` is one width for every layer or a
-    sequence of ``depth + 1`` widths (input first). A ratio that stays in [0.5, 2] means norms are kept.
+    Returns a float64 tensor of ``depth + 1`` ratios ``rms_l / rms_0`` (root mean square of ``||h_l||`` over
+    the batch, relative to the input), so index 0 is 1. For linear/ReLU (positively homogeneous) the
+    activations are rescaled every layer and the scale tracked in log space, so an exploding or vanishing
+    network gives its true ratio (up to e^700) instead of inf/NaN. ``scheme`` is as in :func:`initialize`
+    (the gain follows ``activation``) or a callable ``f(weight, generator=...)``. ``width`` is one width for
+    every layer or a sequence of ``depth + 1`` widths (input first). A ratio in [0.5, 2] means norms are kept.
 
     Example:
         >>> r = signal_propagation("he", "relu", depth=20, width=128, generator=torch.Generator().manual_seed(0))
@@ -384,12 +406,22 @@ def signal_propagation(scheme: str | Callable = "geometric", activation: str = "
         raise ValueError(f"width must be a positive int or {depth + 1} positive ints, got {width!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
+    homogeneous = activation in ("linear", "relu", "leaky_relu")
     h = torch.randn(batch, widths[0], dtype=dtype, generator=generator)
-    rms0 = h.square().sum(-1).mean().sqrt()
-    out = [torch.ones((), dtype=dtype)]
+    rms0 = h.square().sum(-1).mean().sqrt().item()
+    # for positively homogeneous activations h is rescaled back to the input's RMS every layer and the scale is
+    # tracked in log space, so no overflow; tanh/sigmoid see the true scale (their behaviour depends on it)
+    log_scale = 0.0
+    out = [1.0]
     for layer in range(depth):
         w = torch.empty(widths[layer + 1], widths[layer], dtype=dtype)
         _init_weight(w, scheme, activation, generator)
         h = act(h @ w.T)
-        out.append(h.square().sum(-1).mean().sqrt() / rms0)
-    return torch.stack(out)
+        ratio = h.square().sum(-1).mean().sqrt().item() / rms0
+        if homogeneous and ratio > 0 and math.isfinite(ratio):
+            log_scale += math.log(ratio)
+            h = h / ratio
+            out.append(math.exp(min(log_scale, 700.0)))
+        else:
+            out.append(ratio)
+    return torch.tensor(out, dtype=torch.float64)
