@@ -25,7 +25,8 @@ def test_small_cnn_logits_shape(hw):
     net = SmallCNN(in_channels=1, num_classes=7, width=4)
     out = net(torch.randn(3, 1, *hw))
     assert out.shape == (3, 7)
-    assert net.features(torch.randn(3, 1, *hw)).shape == (3, 16)
+    assert net.features(torch.randn(3, 1, *hw)).shape == (3, 16 * 9)
+    assert SmallCNN(1, 7, width=4, pool=1).features(torch.randn(3, 1, *hw)).shape == (3, 16)
 
 
 def test_small_cnn_embedding_mode():
@@ -34,8 +35,9 @@ def test_small_cnn_embedding_mode():
     assert net(x).shape == (2, 5)
     net.eval()
     assert torch.equal(net(x), net.features(x))
-    # embedding without explicit dim: the pooled features (4 * width)
-    assert SmallCNN(num_classes=None, width=4)(x).shape == (2, 16)
+    # embedding without explicit dim: the pooled features (4 * width * pool**2)
+    assert SmallCNN(num_classes=None, width=4)(x).shape == (2, 16 * 9)
+    assert SmallCNN(num_classes=None, width=4, pool=2)(x).shape == (2, 16 * 4)
     # embedding + classifier: logits on top of the embedding
     both = SmallCNN(num_classes=3, width=4, embedding_dim=6)
     assert both(x).shape == (2, 3) and both.features(x).shape == (2, 6)
@@ -58,8 +60,8 @@ def test_small_cnn_param_count_formula():
     w, c = 8, 10
     convs = 9 * (1 * w + w * w + w * 2 * w + 2 * w * 2 * w + 2 * w * 4 * w)
     bns = 2 * (w + w + 2 * w + 2 * w + 4 * w)
-    fc = 4 * w * c + c
-    assert n_params(SmallCNN(1, c, width=w)) == convs + bns + fc
+    assert n_params(SmallCNN(1, c, width=w, pool=1)) == convs + bns + 4 * w * c + c
+    assert n_params(SmallCNN(1, c, width=w)) == convs + bns + 4 * w * 9 * c + c
 
 
 @pytest.mark.parametrize("factory,layers", [(lambda: SmallCNN(width=4), SmallCNN.mixable_layers),
@@ -92,6 +94,8 @@ def test_bad_arguments():
         SmallCNN(in_channels=1)(torch.randn(2, 3, 28, 28))
     with pytest.raises(TypeError, match="floating"):
         SmallCNN()(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="pool"):
+        SmallCNN(pool=0)
     with pytest.raises(ValueError, match="blocks"):
         ResNet((2, 2, 2))
 
