@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,6 @@ _AMP = (None, "bf16")
 _TRAJECTORY_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
                       "warmup_epochs", "seed", "drop_last", "nesterov", "grad_clip", "amp", "min_lr_ratio",
                       "betas")
-
-Batch = tuple[torch.Tensor, Any]
 
 
 @dataclass
@@ -619,7 +617,3 @@ def _train_epoch(runner: nn.Module, joint: _Joint, optimizer: torch.optim.Optimi
     if not math.isfinite(train_loss):
         raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch}")
     return train_loss
-
-
-def _field_names() -> list[str]:  # for the CLI
-    return [f.name for f in fields(TrainConfig)]
