@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                 payload: dict[str, Any] = {"args": vars(args), "world_size": info.world_size,
                                            "history": history.records}
                 atomic_write_bytes(args.history_json, json.dumps(payload, indent=1).encode())
+    except KeyboardInterrupt:
+        if info.is_main:
+            hint = f"; continue with --resume --checkpoint-dir {args.checkpoint_dir}" if args.checkpoint_dir else ""
+            print(f"interrupted{hint}", file=sys.stderr, flush=True)
+        return 130
     finally:
         D.cleanup()
     return 0
