@@ -1,0 +1,202 @@
+"""Tests for kexue.data.tokenizers and kexue.train.mlm: tokenizer, windows, masking, training, evaluation."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kexue.data.tokenizers import SPECIAL_TOKENS, CharTokenizer
+from kexue.nn.transformer import Transformer
+from kexue.train.mlm import (
+    IGNORE_INDEX,
+    TokenStream,
+    evaluate_mlm,
+    make_eval_set,
+    mask_tokens,
+    mlm_accuracy,
+    split_documents,
+    train_mlm,
+    warmup_cosine,
+)
+
+TEXT = "白切鸡好吃。To be, or not to be: that is the question.\n" * 5
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and do not thrash when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+# -- tokenizer -------------------------------------------------------------------------------------------
+def test_tokenizer_roundtrip_and_specials(tmp_path):
+    tok = CharTokenizer.from_corpus(TEXT, min_count=1)
+    assert tok.tokens[:5] == list(SPECIAL_TOKENS)
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    ids = tok.encode(TEXT)
+    assert len(ids) == len(TEXT) and min(ids) >= 5
+    assert tok.decode(ids) == TEXT
+    assert tok.encode_tensor(TEXT).tolist() == ids
+    assert tok.encode("鸭", add_special_tokens=True) == [2, 1, 3]
+    assert tok.encode_tensor("鸭a").tolist() == [1, tok.token_to_id["a"]]
+    assert tok.decode([2, tok.mask_id], skip_special_tokens=False) == "[CLS][MASK]"
+    assert tok.convert_tokens_to_ids(["[CLS]", "白", "[SEP]"]) == [2, tok.token_to_id["白"], 3]
+    # most frequent first
+    counts = {c: TEXT.count(c) for c in set(TEXT)}
+    assert counts[tok.tokens[5]] == max(counts.values())
+    # save/load, atomically (no temp files left behind)
+    path = tmp_path / "sub" / "vocab.json"
+    tok.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["vocab.json"]
+    tok2 = CharTokenizer.load(path)
+    assert tok2.tokens == tok.tokens and tok2.encode(TEXT) == ids
+    assert json.loads(path.read_text(encoding="utf-8"))["type"] == "CharTokenizer"
+
+
+def test_tokenizer_min_count_and_errors(tmp_path):
+    tok = CharTokenizer.from_corpus(["aaab", "bc"], min_count=2)
+    assert tok.tokens[5:] == ["a", "b"]
+    assert tok.encode("c") == [tok.unk_id]
+    assert CharTokenizer.from_corpus("aaabbc", max_vocab=1).tokens[5:] == ["a"]
+    with pytest.raises(ValueError, match="min_count"):
+        CharTokenizer.from_corpus("abc", min_count=0)
+    with pytest.raises(TypeError, match="text"):
+        tok.encode(123)
+    with pytest.raises(ValueError, match="ids"):
+        tok.decode([99])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "other"}')
+    with pytest.raises(ValueError, match="CharTokenizer"):
+        CharTokenizer.load(bad)
+
+
+# -- data ------------------------------------------------------------------------------------------------
+def test_split_and_windows_do_not_overlap():
+    docs = [torch.arange(0, 1000), torch.arange(5000, 5600)]
+    train, held = split_documents(docs, 0.1)
+    assert [t.numel() for t in train] == [900, 540] and [h.numel() for h in held] == [100, 60]
+    tr, ho = TokenStream(train), TokenStream(held)
+    seen_train = set(torch.cat(train).tolist())
+    g = torch.Generator().manual_seed(0)
+    batch = tr.sample(64, 50, generator=g)
+    assert not set(batch.flatten().tolist()) & set(torch.cat(held).tolist())
+    assert set(batch.flatten().tolist()) <= seen_train
+    # windows are contiguous and never straddle a document boundary
+    assert (batch.diff(dim=1) == 1).all()
+    w = ho.windows(30)
+    assert w.shape == (3 + 2, 30) and (w.diff(dim=1) == 1).all()
+    assert ho.windows(30, max_windows=2).shape == (2, 30)
+    # same generator seed, same batches
+    assert torch.equal(tr.sample(8, 20, torch.Generator().manual_seed(3)),
+                       tr.sample(8, 20, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="length"):
+        ho.sample(2, 1000)
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        split_documents(docs, 1.5)
+
+
+# -- masking ---------------------------------------------------------------------------------------------
+def test_masking_statistics_80_10_10():
+    tok = CharTokenizer([chr(0x4E00 + i) for i in range(200)])
+    x = torch.randint(5, tok.vocab_size, (200, 500), generator=torch.Generator().manual_seed(1))
+    x[:, :10] = tok.pad_id  # special tokens are never selected
+    inp, lab = mask_tokens(x, tok, generator=torch.Generator().manual_seed(2))
+    sel = lab != IGNORE_INDEX
+    n_eligible = (x != tok.pad_id).sum().item()
+    assert not sel[:, :10].any()
+    assert sel.sum().item() / n_eligible == pytest.approx(0.15, abs=0.005)
+    assert torch.equal(lab[sel], x[sel])
+    as_mask = (inp[sel] == tok.mask_id).float().mean().item()
+    kept = (inp[sel] == x[sel]).float().mean().item()
+    replaced = ((inp[sel] != x[sel]) & (inp[sel] != tok.mask_id)).float().mean().item()
+    assert as_mask == pytest.approx(0.8, abs=0.01)
+    assert replaced == pytest.approx(0.1 * 199 / 200, abs=0.01)  # a random token may equal the original
+    assert kept == pytest.approx(0.1 + 0.1 / 200, abs=0.01)
+    assert (inp[sel & (inp != tok.mask_id)] >= 5).all()  # random replacements are never special tokens
+    assert torch.equal(inp[~sel], x[~sel])
+
+
+def test_masking_generator_reproducibility():
+    tok = CharTokenizer(list("abcdefgh"))
+    x = torch.randint(5, 13, (8, 64))
+    a = mask_tokens(x, tok, generator=torch.Generator().manual_seed(7))
+    b = mask_tokens(x, tok, generator=torch.Generator().manual_seed(7))
+    c = mask_tokens(x, tok, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+    assert torch.equal(make_eval_set(x, tok, seed=3)[1], make_eval_set(x, tok, seed=3)[1])
+    with pytest.raises(ValueError, match="mask_prob"):
+        mask_tokens(x, tok, mask_prob=1.5)
+    with pytest.raises(TypeError, match="input_ids"):
+        mask_tokens(x.float(), tok)
+
+
+# -- evaluation ------------------------------------------------------------------------------------------
+class _Lookup(nn.Module):
+    """Predicts ``table[input]`` at every position (a hand-made model with known accuracy)."""
+
+    def __init__(self, table: torch.Tensor, vocab: int) -> None:
+        super().__init__()
+        self.table, self.vocab = table, vocab
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=F.one_hot(self.table[x], self.vocab).float())
+
+
+def test_mlm_accuracy_hand_made_case():
+    table = torch.tensor([0, 1, 2, 3, 9, 5, 6, 7, 8, 9])  # [MASK]=4 is predicted as 9
+    model = _Lookup(table, 10)
+    inputs = torch.tensor([[5, 4, 6, 4], [7, 8, 4, 4]])
+    labels = torch.tensor([[-100, 9, 6, 3], [-100, -100, 9, 9]])
+    # scored positions: (0,1) 9==9 ok, (0,2) 6==6 ok, (0,3) 9!=3, (1,2) ok, (1,3) ok -> 4/5
+    assert mlm_accuracy(model, inputs, labels, batch_size=1) == (0.8, 5)
+    with pytest.raises(ValueError, match="no masked"):
+        mlm_accuracy(model, inputs, torch.full_like(labels, -100))
+    with pytest.raises(ValueError, match="same shape"):
+        mlm_accuracy(model, inputs, labels[:, :2])
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, min_ratio=0.1) == pytest.approx(0.1)
+
+
+# -- training --------------------------------------------------------------------------------------------
+def test_training_learns_and_resumes_exactly(tmp_path):
+    text = "abcdefghij" * 60
+    tok = CharTokenizer.from_corpus(text)
+    stream = TokenStream([tok.encode_tensor(text)])
+
+    def fresh() -> Transformer:
+        torch.manual_seed(0)
+        return Transformer(tok.vocab_size, dim=32, depth=1, heads=2)
+
+    kw = dict(steps=60, batch_size=8, seq_len=20, lr=3e-3, progress=False)
+    m1 = fresh()
+    acc0 = evaluate_mlm(m1, stream, tok, length=20)["accuracy"]
+    h1 = train_mlm(m1, stream, tok, generator=torch.Generator().manual_seed(0), **kw)
+    assert sum(h1["loss"][-5:]) / 5 < 0.9 * sum(h1["loss"][:5]) / 5  # it learns something of the text
+    acc = evaluate_mlm(m1, stream, tok, length=20)["accuracy"]
+    assert acc > acc0 + 0.05
+    # interrupted after 25 steps, then resumed from the checkpoint: same weights as the uninterrupted run
+    m2 = fresh()
+    h2a = train_mlm(m2, stream, tok, generator=torch.Generator().manual_seed(0), checkpoint_dir=tmp_path,
+                    checkpoint_every=10, stop_after=25, **kw)
+    assert h2a["steps"] == 25 and (tmp_path / "last.pt").exists()
+    m3 = fresh()
+    h2 = train_mlm(m3, stream, tok, generator=torch.Generator().manual_seed(0), checkpoint_dir=tmp_path,
+                   checkpoint_every=10, **kw)
+    assert h2["steps"] == 60 and h2["loss"] == pytest.approx(h1["loss"], rel=1e-5)
+    for (n, a), (_, b) in zip(m1.state_dict().items(), m3.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

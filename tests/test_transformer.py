@@ -1,0 +1,183 @@
+"""Tests for kexue.nn.transformer: RoPE, pre/post-LN, tied head, any length, pluggable attention, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kexue.nn.transformer import SoftmaxAttention, Transformer, TransformerBlock, apply_rope
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and do not thrash when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def _model(**kw) -> Transformer:
+    torch.manual_seed(0)
+    base = dict(vocab_size=40, dim=32, depth=2, heads=4)
+    base.update(kw)
+    return Transformer(**base).double()
+
+
+def test_rope_dot_product_depends_only_on_relative_position():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64)
+
+    def score(m: int, n: int) -> float:
+        qm = apply_rope(q, torch.tensor([m]))
+        kn = apply_rope(k, torch.tensor([n]))
+        return float((qm * kn).sum())
+
+    for m, n in [(0, 0), (3, 1), (10, 7), (100, 97), (1000, 1001)]:
+        for shift in (1, 5, 333):
+            assert score(m, n) == pytest.approx(score(m + shift, n + shift), abs=1e-9)
+    # and it does depend on the offset
+    assert abs(score(5, 0) - score(0, 0)) > 1e-3
+    # rotation keeps norms; position 0 is the identity
+    x = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(apply_rope(x, torch.arange(5)).norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(apply_rope(x, torch.zeros(5, dtype=torch.long)), x)
+
+
+def test_rope_keeps_dtype_and_rejects_odd_dim():
+    x = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
+    assert apply_rope(x, torch.arange(4)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="even"):
+        apply_rope(torch.randn(1, 1, 4, 7), torch.arange(4))
+    with pytest.raises(ValueError, match="position_ids"):
+        apply_rope(torch.randn(1, 1, 4, 8), torch.arange(5))
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_shapes_pre_and_post_ln(norm):
+    m = _model(norm=norm)
+    ids = torch.randint(0, 40, (3, 11))
+    out = m(ids, return_entropy=True)
+    assert out.hidden.shape == (3, 11, 32)
+    assert out.logits.shape == (3, 11, 40)
+    assert len(out.entropies) == 2 and out.entropies[0].shape == (3, 4, 11)
+    assert torch.isfinite(out.logits).all()
+    # entropy of a row is between 0 and log(n)
+    assert (out.entropies[0] >= -1e-9).all() and (out.entropies[0] <= math.log(11) + 1e-9).all()
+    # the two variants are really different networks
+    other = _model(norm="post" if norm == "pre" else "pre")
+    assert not torch.allclose(other(ids).hidden, out.hidden)
+
+
+def test_mlm_head_is_tied_to_embeddings():
+    m = _model()
+    assert m.num_parameters() == sum(p.numel() for p in m.parameters())
+    ids = torch.randint(0, 40, (2, 6))
+    out = m(ids)
+    h = m.head_ln(F.gelu(m.head_dense(out.hidden)))
+    torch.testing.assert_close(out.logits, h @ m.tok_emb.weight.T + m.head_bias)
+    # a change to the embedding matrix changes the output layer too, and gradients from the head reach it
+    m.zero_grad()
+    m(ids).logits[..., 7].sum().backward()
+    assert m.tok_emb.weight.grad[7].abs().sum() > 0
+    assert not any("head" in n and p.shape == m.tok_emb.weight.shape for n, p in m.named_parameters())
+
+
+def test_any_length_at_inference_and_padding():
+    m = _model()
+    for n in (1, 7, 64, 300):
+        assert m(torch.randint(0, 40, (1, n))).logits.shape == (1, n, 40)
+    # padding at the end does not change the outputs of the real tokens
+    ids = torch.randint(5, 40, (1, 9))
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1)
+    am = torch.cat([torch.ones(1, 9), torch.zeros(1, 4)], 1).long()
+    torch.testing.assert_close(m(padded, attention_mask=am).hidden[:, :9], m(ids).hidden)
+
+
+def test_position_ids_are_used_and_shift_invariant():
+    m = _model()
+    ids = torch.randint(0, 40, (2, 8))
+    base = m(ids).hidden
+    torch.testing.assert_close(m(ids, position_ids=torch.arange(8) + 50).hidden, base)  # RoPE: only offsets
+    assert not torch.allclose(m(ids, position_ids=torch.arange(8).flip(0)).hidden, base)
+
+
+def test_pluggable_attention_callable_is_really_used():
+    calls = []
+
+    def doubled_values(q, k, v, *, mask=None, is_causal=False):
+        calls.append((q.shape, mask is None, is_causal))
+        return F.scaled_dot_product_attention(q, k, 2 * v, attn_mask=mask, is_causal=is_causal)
+
+    m_custom = _model(attention=doubled_values)
+    m_plain = _model()
+    ids = torch.randint(0, 40, (2, 5))
+    out = m_custom(ids, is_causal=True)
+    assert len(calls) == 2 and calls[0] == (torch.Size([2, 4, 5, 8]), True, True)
+    assert not torch.allclose(out.hidden, m_plain(ids, is_causal=True).hidden)
+    # zeroing the value path through the plugged attention behaves like a model without attention output
+    m_zero = _model(attention=lambda q, k, v, *, mask=None, is_causal=False: torch.zeros_like(v))
+    x = m_zero.tok_emb(ids)
+    for blk in m_zero.blocks:
+        x = x + blk.proj(torch.zeros_like(x))
+        x = x + blk.mlp(blk.ln2(x))
+    torch.testing.assert_close(m_zero(ids).hidden, m_zero.final_ln(x))
+    # a factory builds one module per layer
+    built = []
+
+    def factory(i):
+        built.append(i)
+        return SoftmaxAttention("entropy")
+
+    m_fact = _model(attention_factory=factory)
+    assert built == [0, 1] and m_fact.blocks[0].attn is not m_fact.blocks[1].attn
+
+
+def test_entropy_scale_differs_from_standard_and_matches_at_512_keys():
+    ids = torch.randint(0, 40, (1, 20))
+    o, e = _model(attention_scale="standard"), _model(attention_scale="entropy")
+    assert not torch.allclose(o(ids).hidden, e(ids).hidden)
+    # the per-row factor at n = 512 is exactly 1: the two models agree there
+    ids = torch.randint(0, 40, (1, 512))
+    torch.testing.assert_close(o(ids).hidden, e(ids).hidden)
+
+
+def test_block_standalone():
+    blk = TransformerBlock(16, 2, SoftmaxAttention(), norm="post")
+    y, ent = blk(torch.randn(2, 5, 16), torch.arange(5), return_entropy=True)
+    assert y.shape == (2, 5, 16) and ent.shape == (2, 2, 5)
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="attention_scale"):
+        Transformer(10, dim=16, depth=1, heads=2, attention_scale="logn")
+    with pytest.raises(ValueError, match="norm"):
+        Transformer(10, dim=16, depth=1, heads=2, norm="sandwich")
+    with pytest.raises(ValueError, match="divisible|even"):
+        Transformer(10, dim=18, depth=1, heads=4)
+    with pytest.raises(ValueError, match="at most one"):
+        Transformer(10, dim=16, depth=1, heads=2, attention=SoftmaxAttention(),
+                    attention_factory=lambda i: SoftmaxAttention())
+    with pytest.raises(TypeError, match="attention"):
+        Transformer(10, dim=16, depth=1, heads=2, attention=3)
+    with pytest.raises(ValueError, match="scale"):
+        SoftmaxAttention("log")
+    m = Transformer(10, dim=16, depth=1, heads=2)
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.tensor([[1, 2, 10]]))
+    with pytest.raises(TypeError, match="input_ids"):
+        m(torch.randn(1, 3))
+    with pytest.raises(TypeError, match="mask"):
+        m(torch.tensor([[1, 2]]), mask=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="mask"):
+        m(torch.tensor([[1, 2]]), mask=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="position_ids"):
+        m(torch.tensor([[1, 2]]), position_ids=torch.arange(3))
+    with pytest.raises(ValueError, match="entropy"):
+        Transformer(10, dim=16, depth=1, heads=2, attention=lambda q, k, v, **kw: v)(
+            torch.tensor([[1, 2]]), return_entropy=True)
