@@ -189,7 +189,12 @@ def test_batching_and_broadcasting(kind):
     # one map applied to many vectors (the fast matrix-vector path)
     m1 = orthogonal_map(a[0, 0], b[0], kind)
     X = torch.randn(7, 2, 5, dtype=torch.float64, generator=g)
+    X0 = X.clone()
     assert torch.allclose(m1(X), X @ m1.matrix().T, atol=1e-13)
+    assert torch.equal(X, X0)  # the input is never modified
+    with torch.no_grad():
+        assert torch.allclose(m1(X), X @ m1.matrix().T, atol=1e-13)
+    assert torch.equal(X, X0)
 
 
 def test_inputs_are_normalised():

@@ -122,15 +122,6 @@ def _normals(a: torch.Tensor, b: torch.Tensor, kind: str) -> tuple[list[torch.Te
     return [v], torch.where(pos, -one, one)
 
 
-def _reflect(x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """x - beta * v * (v . x), broadcasting; a plain matrix-vector product when v is a single vector."""
-    if v.dim() == 1:
-        proj = x @ v
-    else:
-        proj = (x * v).sum(-1)
-    return x - (beta * proj).unsqueeze(-1) * v
-
-
 class OrthogonalMap:
     """An orthogonal map ``T`` with ``T a = b``, stored as ``sign * H(v_k) ... H(v_1)``.
 
@@ -154,6 +145,8 @@ class OrthogonalMap:
         self.sign = sign
         self.dtype = dtype
         self._betas = [2.0 / (v * v).sum(-1) for v in normals]
+        # for a single (unbatched) map the sign is one number, folded into the last rank-1 update
+        self._sign_value = float(sign.reshape(-1)[0]) if a.dim() == 1 else 1.0
 
     @property
     def dim(self) -> int:
@@ -166,16 +159,30 @@ class OrthogonalMap:
         return self.a.shape[:-1]
 
     def _apply(self, x: torch.Tensor, work: torch.dtype, unsqueeze: bool = False) -> torch.Tensor:
+        """y = sign * H(v_k) ... H(v_1) x with H(v) x = x - beta v (v . x), beta = 2 / (v . v)."""
+        d = self.dim
+        vs = [v.to(work) for v in self.normals]
+        betas = [beta.to(work) for beta in self._betas]
+        if self.a.dim() == 1 and not unsqueeze:
+            # one map, many vectors: a matrix-vector product and a rank-1 update per reflection, no temporaries
+            shape = x.shape
+            y = x.to(work).reshape(-1, d)
+            # after the first update y is our own buffer: update it in place when no graph needs it
+            inplace = not (torch.is_grad_enabled() and (y.requires_grad or any(v.requires_grad for v in vs)))
+            for i, (v, beta) in enumerate(zip(vs, betas)):
+                s = self._sign_value if i == len(vs) - 1 else 1.0
+                p = (y @ v) * beta
+                y = y.addr_(p, v, beta=s, alpha=-s) if inplace and i > 0 else torch.addr(y, p, v, beta=s, alpha=-s)
+            return y.reshape(shape)
+        # batched maps: broadcast x against the batch shape; (x . v) as a batched matmul
         y = x.to(work)
-        for v, beta in zip(self.normals, self._betas):
-            v, beta = v.to(work), beta.to(work)
+        for v, beta in zip(vs, betas):
             if unsqueeze:
                 v, beta = v.unsqueeze(-2), beta.unsqueeze(-1)
-            y = _reflect(y, v, beta)
-        s = self.sign.to(work)
-        if unsqueeze:
-            s = s.unsqueeze(-1)
-        return y * s
+            proj = (y.unsqueeze(-2) @ v.unsqueeze(-1)).squeeze(-1)  # (..., 1)
+            y = torch.addcmul(y, proj * beta.unsqueeze(-1), v, value=-1.0)
+        sign = self.sign.to(work)
+        return y * (sign.unsqueeze(-1) if unsqueeze else sign)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Apply T to the last dimension of ``x`` (O(d) per vector); returns the promoted input dtype."""
