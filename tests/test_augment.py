@@ -427,3 +427,34 @@ def test_bad_inputs_raise_clear_errors():
         SamplePairingSchedule().active(-1)
     with pytest.raises(ValueError, match="soft labels"):
         mixup(x, torch.rand(4, 3, 2))
+
+
+def test_transforms_drop_into_fit_as_batch_transform():
+    from kexue.train import TrainConfig, fit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 1, 6, 6, generator=g)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, progress=False, log=False)
+    makers = (lambda net: Mixup(alpha="uniform"), lambda net: CutMix(alpha=1.0),
+              lambda net: SamplePairing(SamplePairingSchedule(start=1, stop=2, on=1, off=1)),
+              lambda net: ManifoldMixup(net, ["1", "input"], alpha=1.0).batch_transform)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny layers: one thread avoids contention on a shared machine
+    try:
+        _fit_twice(makers, fit, x, y, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_twice(makers, fit, x, y, cfg):
+    for make in makers:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 2))
+        h1 = fit(net, (x, y), cfg, loss_fn=mixed_loss, batch_transform=make(net))
+        torch.manual_seed(0)
+        net2 = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 2))
+        h2 = fit(net2, (x, y), cfg, loss_fn=mixed_loss, batch_transform=make(net2))
+        assert all(torch.isfinite(torch.tensor(h1.column("train_loss"))))
+        # the loop's per-epoch generator makes the whole run reproducible
+        assert h1.column("train_loss") == h2.column("train_loss")
