@@ -184,3 +184,75 @@ def test_bad_inputs():
         attention(q, q, q, scale="entropy", min_n=0)
     with pytest.raises(ValueError, match="dropout_p"):
         attention(q, q, q, dropout_p=1.0)
+
+
+@pytest.mark.parametrize("scale", ["standard", "entropy", 0.4])
+def test_block_mask_path_matches_reference(scale):
+    """attention(mask=BlockMask) runs flex_attention (forward only on CPU) and agrees with the reference."""
+    import warnings
+
+    from kexue.attention import to_block_mask
+
+    B, H, L = 2, 2, 24
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, H, L, 8, generator=g) for _ in range(3))
+    seg = torch.tensor([[0] * 10 + [1] * 14, [0] * 3 + [1] * 21])
+    am = torch.tensor([[1] * 20 + [0] * 4, [0] * L])        # batch 1: every key is padding
+    mod = and_masks(unilm(seg), padding(am))
+    bm = to_block_mask(mod, B, None, L, L, BLOCK_SIZE=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = attention(q, k, v, mask=bm, scale=scale, min_n=4)
+    want = attention_reference(q, k, v, mask=mod, scale=scale, min_n=4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    with pytest.raises(ValueError, match="is_causal"):
+        attention(q, k, v, mask=bm, is_causal=True)
+    with pytest.raises(ValueError, match="built for"):
+        attention(q[:, :, :16], k[:, :, :16], v[:, :, :16], mask=bm)
+
+
+@pytest.mark.parametrize("scale", ["standard", "entropy"])
+def test_empty_row_guard_path(monkeypatch, scale):
+    """Devices without SDPA's zero-for-empty-rows behaviour take the guard path; it must agree too."""
+    import kexue.attention.core as core
+
+    monkeypatch.setattr(core, "_SAFE_EMPTY_ROWS", frozenset())
+    core._clear_mask_stats_cache()
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 2, 6, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    m = unilm_mask(torch.tensor([[0, 0, 0, 1, 1, 1]] * 2), torch.tensor([[1, 1, 0, 1, 1, 0], [0] * 6]))
+    for mask in (m, torch.zeros(2, 1, 6, 6, dtype=torch.float64).masked_fill(~m, float("-inf"))):
+        got = _run(attention, q, k, v, mask=mask, scale=scale, is_causal=True)
+        want = _run(attention_reference, q, k, v, mask=mask, scale=scale, is_causal=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_mask_statistics_cache_follows_in_place_changes():
+    from kexue.attention.core import _clear_mask_stats_cache
+
+    _clear_mask_stats_cache()
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    m = causal_mask(8).clone()
+    a1 = attention(q, k, v, m, scale="entropy", min_n=1)
+    a2 = attention(q, k, v, m, scale="entropy", min_n=1)        # cached counts
+    assert torch.equal(a1, a2)
+    m[5:, :3] = False                                            # in place: the version counter moves
+    torch.testing.assert_close(attention(q, k, v, m, scale="entropy", min_n=1),
+                               attention_reference(q, k, v, m, scale="entropy", min_n=1))
+    torch.testing.assert_close(attention(q, k, v, m, scale="entropy", min_n=1, is_causal=True),
+                               attention_reference(q, k, v, m, scale="entropy", min_n=1, is_causal=True))
+
+
+def test_fast_row_counts_match_sum():
+    from kexue.attention.masks import _row_any, _row_counts
+
+    g = torch.Generator().manual_seed(14)
+    for shape in [(2, 3, 5, 16), (1, 1, 7, 13), (3, 64), (1, 1, 3, 1024), (2, 1, 4, 0)]:
+        m = torch.rand(shape, generator=g) > 0.5
+        views = [m, m.transpose(-1, -2), m[..., 1:9] if shape[-1] > 9 else m, m.expand(2, *m.shape)]
+        for x in views:
+            assert torch.equal(_row_counts(x), x.sum(-1)), (shape, x.stride())
+            assert torch.equal(_row_any(x), x.any(-1))

@@ -20,7 +20,9 @@ Conventions shared by both:
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ from torch import Tensor
 
 from kexue._checks import check_tensor, compute_dtype
 
-from .masks import MaskMod, _as_allowed
+from .masks import MaskMod, _as_allowed, _mask4, _row_any, _row_counts, causal, render_mask
 from .scaling import ScaleArg, _check_base, _check_min_n, _row_multiplier
 
 __all__ = ["attention", "attention_reference"]
@@ -60,6 +62,15 @@ def _check_common(scale: ScaleArg, min_n: float, base: float, dropout_p: float) 
                          f"got {scale!r}")
 
 
+@functools.lru_cache(maxsize=64)
+def _causal_logn_table(Lq: int, Lk: int, is_causal: bool, min_n: float, base: float, dtype: torch.dtype,
+                       device: torch.device) -> Tensor:
+    """``[Q, 1]`` multipliers ``log_base(max(n_i, min_n))`` with ``n_i = min(i + 1, K)`` (causal) or ``K``."""
+    n = torch.arange(1, Lq + 1, dtype=torch.float64).clamp_max(Lk) if is_causal else \
+        torch.full((Lq,), float(Lk), dtype=torch.float64)
+    return (torch.log(n.clamp_min(min_n)) / math.log(base)).to(dtype=dtype, device=device).unsqueeze(-1)
+
+
 def _needs_counts(scale: ScaleArg) -> bool:
     return (isinstance(scale, str) and scale == "entropy") or (
         callable(scale) and not isinstance(scale, (str, Tensor)))
@@ -84,7 +95,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
       of ``1/sqrt(D)``.
 
     ``mask`` is a bool tensor broadcastable to ``[B, H, Q, K]`` (True = may attend), an additive float mask,
-    a predicate ``mod(b, h, q_idx, kv_idx)`` (rendered here) or ``None``. Fully masked rows output 0.
+    a predicate ``mod(b, h, q_idx, kv_idx)`` (rendered here to a dense bool mask for SDPA), a FlexAttention
+    ``BlockMask`` from :func:`~kexue.attention.masks.to_block_mask` (runs ``flex_attention``: eager and
+    forward-only on CPU, fused under ``torch.compile`` on GPU; per-row counts for ``"entropy"`` are read by
+    evaluating its predicate in row chunks), or ``None``. Fully masked rows output 0.
     ``dropout_p`` is applied as given (pass 0 in eval). With a ``generator`` the dropout is drawn from it and
     the computation falls back to :func:`attention_reference` (the fused kernel draws from the global RNG).
 
@@ -99,39 +113,157 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     if dropout_p > 0 and generator is not None:
         return attention_reference(q, k, v, mask, scale, min_n=min_n, base=base, dropout_p=dropout_p,
                                    is_causal=is_causal, generator=generator)
+    if _is_block_mask(mask):
+        return _flex_attention(q, k, v, mask, scale, min_n=min_n, base=base, dropout_p=dropout_p,
+                               is_causal=is_causal)
     if Lk == 0 or Lq == 0:                      # degenerate: every row is empty (output 0) or no rows
         return attention_reference(q, k, v, mask, scale, min_n=min_n, base=base, is_causal=is_causal)
     counts_needed = _needs_counts(scale)
-    float_mask = isinstance(mask, Tensor) and mask.is_floating_point()
 
     if mask is None:
         # no mask: either nothing hidden, or SDPA's own causal path (top-left, every row sees >= 1 key)
-        counts = None
-        if counts_needed:
-            i = torch.arange(Lq, device=q.device)
-            counts = (i + 1).clamp_max(Lk) if is_causal else torch.full((Lq,), Lk, device=q.device)
-        mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
+        if isinstance(scale, str) and scale == "entropy":
+            # n_i depends only on (Q, K, is_causal): a cached [Q, 1] table, no per-call work
+            mult, s = _causal_logn_table(Lq, Lk, is_causal, float(min_n), float(base), q.dtype, q.device), \
+                1.0 / math.sqrt(D)
+        else:
+            counts = None
+            if counts_needed:
+                i = torch.arange(Lq, device=q.device)
+                counts = (i + 1).clamp_max(Lk) if is_causal else torch.full((Lq,), Lk, device=q.device)
+            mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
         qs = q if mult is None else q * mult
         return F.scaled_dot_product_attention(qs, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=s)
 
-    allowed = _as_allowed(mask, B, H, Lq, Lk, is_causal, q.device)
-    assert allowed is not None
-    counts = allowed.sum(-1)                     # [b|1, h|1, Q]: keys each row may see
-    empty = counts == 0
-    any_empty = bool(empty.any())
-    mult, s = _row_multiplier(scale, counts if counts_needed else None, D, min_n, base, q)
-    qs = q if mult is None else q * mult
-    if float_mask:
-        m4 = mask.to(q.dtype).reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        attn_mask = m4.masked_fill(~allowed, float("-inf")) if is_causal else m4
-        if any_empty:
-            attn_mask = attn_mask.masked_fill(empty.unsqueeze(-1), 0.0)
+    m4 = _mask4(mask, B, H, Lq, Lk, q.device)
+    if is_causal:
+        tri = render_mask(causal(0), 1, 1, Lq, Lk, q.device)
+        attn_mask = m4 & tri if m4.dtype == torch.bool else m4.masked_fill(~tri, float("-inf"))
     else:
-        attn_mask = allowed | empty.unsqueeze(-1) if any_empty else allowed
+        attn_mask = m4
+    if attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(q.dtype)
+    guard = q.device.type not in _SAFE_EMPTY_ROWS
+    counts, empty = _mask_stats(mask, attn_mask, (B, H, Lq, Lk, is_causal, str(q.device)), counts_needed,
+                                 guard)
+    if isinstance(scale, str) and scale == "entropy":
+        assert counts is not None
+        mult, s = _entropy_multiplier(counts, float(min_n), float(base), q.dtype), 1.0 / math.sqrt(D)
+    else:
+        mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
+    qs = q if mult is None else q * mult
+    if empty is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask | empty.unsqueeze(-1)
+        else:
+            attn_mask = attn_mask.masked_fill(empty.unsqueeze(-1), 0.0)
     out = F.scaled_dot_product_attention(qs, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=s)
-    if any_empty:
+    if empty is not None:
         out = out.masked_fill(empty.unsqueeze(-1), 0.0)
     return out
+
+
+# Devices whose SDPA kernels already return 0 (and zero gradients) for a query row with no visible key; the
+# tests hold torch to this (fully masked rows vs the reference, fp64/fp32/bf16, bool and additive masks).
+# Elsewhere such rows are un-masked for the kernel and their output zeroed afterwards.
+_SAFE_EMPTY_ROWS = frozenset({"cpu"})
+
+# One-entry cache of per-row statistics of the last mask seen. A Transformer passes the same mask object to
+# every layer; its key counts are then computed once per forward instead of once per layer. Keyed on the
+# object (weak reference), its version counter (bumped by any in-place change) and the call's geometry.
+_STATS: dict[str, object] = {}
+
+
+def _clear_mask_stats_cache() -> None:
+    """Forget the cached mask statistics (benchmarks use it to time the uncached path)."""
+    _STATS.clear()
+
+
+def _entropy_multiplier(counts: Tensor, min_n: float, base: float, dtype: torch.dtype) -> Tensor:
+    """``log_base(max(n_i, min_n))`` as a ``[..., Q, 1]`` q multiplier, memoised with the cached mask stats."""
+    mults = _STATS.get("mults")
+    key = (min_n, base, dtype)
+    if _STATS.get("counts") is counts and isinstance(mults, dict) and key in mults:
+        return mults[key]
+    mult = (torch.log(counts.double().clamp_min(min_n)) / math.log(base)).to(dtype).unsqueeze(-1)
+    if _STATS.get("counts") is counts:
+        if not isinstance(mults, dict):
+            mults = _STATS["mults"] = {}
+        mults[key] = mult
+    return mult
+
+
+def _mask_stats(user_mask: object, attn_mask: Tensor, geometry: tuple, want_counts: bool,
+                want_empty: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(per-row key counts or None, bool rows-with-no-key or None when there are none / not wanted)."""
+    if not (want_counts or want_empty):
+        return None, None
+    key = None
+    if isinstance(user_mask, Tensor):
+        key = (user_mask._version, user_mask.data_ptr(), tuple(user_mask.shape), tuple(user_mask.stride()),
+               user_mask.dtype, geometry)
+        ref = _STATS.get("ref")
+        if ref is not None and ref() is user_mask and _STATS.get("key") == key:
+            counts, empty = _STATS["counts"], _STATS["empty"]
+            if (counts is not None or not want_counts) and ("empty" in _STATS):
+                return (counts if want_counts else None), (empty if want_empty else None)
+    allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+    counts: Tensor | None = None
+    if want_counts:
+        counts = _row_counts(allowed)
+        empty_rows = counts == 0
+    else:
+        empty_rows = ~_row_any(allowed)
+    empty = empty_rows if bool(empty_rows.any()) else None
+    if key is not None:
+        _STATS.clear()
+        _STATS.update(ref=weakref.ref(user_mask), key=key, counts=counts, empty=empty)
+    return counts, (empty if want_empty else None)
+
+
+def _is_block_mask(mask: object) -> bool:
+    if mask is None or isinstance(mask, Tensor):
+        return False
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return isinstance(mask, BlockMask)
+
+
+def _block_mask_counts(bm, Lq: int, Lk: int, device: torch.device, chunk: int = 1024) -> Tensor:
+    """Keys per row of a BlockMask, by evaluating its predicate ``chunk`` query rows at a time."""
+    from .masks import render_mask
+
+    B, H = int(bm.shape[0]), int(bm.shape[1])
+    mod = bm.mask_mod
+    parts = []
+    for start in range(0, Lq, chunk):
+        n = min(chunk, Lq - start)
+
+        def shifted(b, h, q_idx, kv_idx, start=start):
+            return mod(b, h, q_idx + start, kv_idx)
+
+        parts.append(render_mask(shifted, B, H, n, Lk, device).sum(-1))
+    return torch.cat(parts, dim=-1) if parts else torch.zeros(B, H, 0, dtype=torch.long, device=device)
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, bm, scale: ScaleArg, *, min_n: float, base: float,
+                    dropout_p: float, is_causal: bool) -> Tensor:
+    """FlexAttention path for a ``BlockMask`` (eager on CPU, forward only there; fused when compiled)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if is_causal:
+        raise ValueError("is_causal cannot be combined with a BlockMask: build the block mask with "
+                         "and_masks(causal(), ...) instead")
+    if dropout_p > 0:
+        raise ValueError("dropout_p > 0 is not supported with a BlockMask (FlexAttention has no dropout)")
+    if tuple(bm.seq_lengths) != (Lq, Lk):
+        raise ValueError(f"block mask was built for (Q, K) = {tuple(bm.seq_lengths)}, got ({Lq}, {Lk})")
+    counts = _block_mask_counts(bm, Lq, Lk, q.device) if _needs_counts(scale) else None
+    mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
+    qs = q if mult is None else q * mult
+    return flex_attention(qs, k, v, block_mask=bm, scale=s)
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = None,

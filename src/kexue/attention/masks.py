@@ -490,6 +490,25 @@ def permute_for_plm(tokens: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ------------------------------------------------------------------------------------ internal helpers
+def _mask4(mask: Tensor | MaskMod, B: int, H: int, q_len: int, k_len: int, device: torch.device) -> Tensor:
+    """Validate ``mask`` (bool, additive float or predicate) and return it as a 4-D tensor broadcastable to
+    ``[B, H, q_len, k_len]`` (a view for tensors; predicates are rendered to bool)."""
+    if isinstance(mask, Tensor):
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"mask must be a bool tensor (True = may attend) or an additive float mask, got "
+                            f"dtype {mask.dtype}")
+        if mask.dim() > 4:
+            raise ValueError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
+        m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        if any(m not in (1, n) for m, n in zip(m4.shape, (B, H, q_len, k_len))):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to [B, H, Q, K] = "
+                             f"{[B, H, q_len, k_len]}")
+        return m4.to(device)
+    if callable(mask):
+        return render_mask(mask, B, H, q_len, k_len, device)
+    raise TypeError(f"mask must be a tensor, a mask predicate or None, got {type(mask).__name__}")
+
+
 def _as_allowed(mask: Tensor | MaskMod | None, B: int, H: int, q_len: int, k_len: int,
                 is_causal: bool, device: torch.device) -> Tensor | None:
     """Normalise ``mask`` (bool, additive float, predicate or None) plus ``is_causal`` to a bool tensor
@@ -497,33 +516,41 @@ def _as_allowed(mask: Tensor | MaskMod | None, B: int, H: int, q_len: int, k_len
 
     ``is_causal`` follows ``F.scaled_dot_product_attention``: top-left aligned, key ``j`` visible iff ``j <= i``.
     """
-    allowed: Tensor | None
-    if mask is None:
-        allowed = None
-    elif isinstance(mask, Tensor):
-        if mask.dtype == torch.bool:
-            allowed = mask
-        elif mask.is_floating_point():
-            allowed = mask > float("-inf")
-        else:
-            raise TypeError(f"mask must be a bool tensor (True = may attend) or an additive float mask, got "
-                            f"dtype {mask.dtype}")
-        if allowed.dim() > 4:
-            raise ValueError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
-        allowed = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))
-        try:
-            ok = torch.broadcast_shapes(allowed.shape, (B, H, q_len, k_len)) == (B, H, q_len, k_len)
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to [B, H, Q, K] = "
-                             f"{[B, H, q_len, k_len]}")
-        allowed = allowed.to(device)
-    elif callable(mask):
-        allowed = render_mask(mask, B, H, q_len, k_len, device)
-    else:
-        raise TypeError(f"mask must be a tensor, a mask predicate or None, got {type(mask).__name__}")
+    allowed: Tensor | None = None
+    if mask is not None:
+        m4 = _mask4(mask, B, H, q_len, k_len, device)
+        allowed = m4 if m4.dtype == torch.bool else m4 > float("-inf")
     if is_causal:
         tri = render_mask(causal(0), 1, 1, q_len, k_len, device)
         allowed = tri if allowed is None else allowed & tri
     return allowed
+
+
+_BYTE_SUM = 0x0101010101010101
+
+
+def _row_counts(allowed: Tensor) -> Tensor:
+    """``allowed.sum(-1)`` for a bool tensor, fast: int64 ``[..., Q]``.
+
+    torch's bool ``sum`` promotes every element to int64 and is ~10x slower than the attention kernel's own
+    pass over the mask would suggest. When the last dim is contiguous and a multiple of 8, eight bools are read
+    as one int64 word and ``(w * 0x0101010101010101) >> 56`` adds its eight 0/1 bytes (a classic SWAR
+    popcount of bytes; the byte sum is <= 8 so it never carries), then the words are summed.
+    """
+    n = allowed.shape[-1]
+    if n and n % 8 == 0 and allowed.stride(-1) == 1 and allowed.storage_offset() % 8 == 0 and \
+            all(st % 8 == 0 for st, sz in zip(allowed.stride()[:-1], allowed.shape[:-1]) if sz > 1):
+        try:
+            words = allowed.view(torch.int64)
+        except RuntimeError:
+            words = None
+        if words is not None:
+            return ((words * _BYTE_SUM) >> 56).bitwise_and_(0xFF).sum(-1)
+    return allowed.view(torch.uint8).sum(-1, dtype=torch.int64)
+
+
+def _row_any(allowed: Tensor) -> Tensor:
+    """``allowed.any(-1)`` for a bool tensor, via a byte ``amax`` (several times faster on CPU)."""
+    if allowed.shape[-1] == 0:
+        return torch.zeros(allowed.shape[:-1], dtype=torch.bool, device=allowed.device)
+    return allowed.view(torch.uint8).amax(-1) > 0

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from kexue._checks import check_positive, check_tensor
 
-from .masks import MaskMod, _as_allowed, causal, render_mask
+from .masks import MaskMod, _as_allowed, _row_counts, causal, render_mask
 
 __all__ = ["entropy_invariant_scale", "logn_factor", "keys_per_row", "attention_entropy", "LogNScale"]
 
@@ -140,7 +140,7 @@ def keys_per_row(mask: Tensor | MaskMod | None, q_len: int, k_len: int, *, is_ca
         raise TypeError(f"mask must be a tensor, a mask predicate or None, got {type(mask).__name__}")
     if is_causal:
         allowed = allowed & render_mask(causal(0), 1, 1, q_len, k_len, allowed.device)[0, 0]
-    counts = allowed.expand(*allowed.shape[:-2], q_len, k_len).sum(-1)
+    counts = _row_counts(allowed.expand(*allowed.shape[:-2], q_len, k_len))
     return counts.clamp_min(min_n) if min_n else counts
 
 

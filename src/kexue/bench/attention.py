@@ -1,0 +1,174 @@
+"""``kexue bench attention``: entropy-scaled attention against plain SDPA, and bool-mask SDPA against FlexAttention.
+
+1. ``attention(q, k, v, mask, scale="entropy")`` (per-row ``log_512(n_i)`` pre-multiplied into q, then the fused
+   SDPA kernel) against ``F.scaled_dot_product_attention`` with the same mask and the standard scale, at
+   L in {512, 2048, 8192} ({512, 2048} with ``--quick``), causal (``is_causal=True``, no mask materialised)
+   and with a UniLM mask (half source, half target). Target: at most 1.05x the time of plain SDPA, i.e. a
+   "speedup" column >= 0.95. Forward passes, plus forward+backward at L <= 2048 (L = 512 with ``--quick``).
+2. The same UniLM mask as a FlexAttention ``BlockMask`` (:func:`kexue.attention.to_block_mask`) through
+   ``flex_attention`` against SDPA with the dense bool mask. On CPU, flex runs eagerly (it materialises the
+   scores, "debug only") unless compiled; without ``--quick`` we also time ``torch.compile(flex_attention)``
+   and report its one-off compile time. Flex has no backward on CPU, so these rows are forward only; they
+   run at L <= 2048 (L = 512 with ``--quick``).
+
+Every row first checks that both sides agree (max abs difference in ``extra``). Shapes: B=1, H=2, D=64, fp32.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kexue.attention import attention, render_mask, to_block_mask, unilm, unilm_mask
+from kexue.bench.base import BenchOptions, BenchRow, compare, register_bench
+
+B, H, D = 1, 2, 64
+TARGET = "<= 1.05x SDPA time (speedup >= 0.95)"
+
+
+def _qkv(L: int, device: str, grad: bool = False, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, H, L, D, generator=g).to(device).requires_grad_(grad) for _ in range(3))
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor], tensors: tuple[torch.Tensor, ...]) -> Callable[[], None]:
+    def step() -> None:
+        for t in tensors:
+            t.grad = None
+        fn().sum().backward()
+
+    return step
+
+
+def _entropy_reference_check(ours: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor | None, causal: bool) -> float:
+    """Max |ours - SDPA on explicitly log_512(n_i)-scaled q| (same kernel family, independent counts)."""
+    L = q.shape[2]
+    if causal:
+        n = torch.arange(1, L + 1, device=q.device)
+    else:
+        assert mask is not None
+        n = mask.sum(-1)
+    mult = (torch.log(n.double().clamp_min(16)) / torch.log(torch.tensor(512.0, dtype=torch.float64)))
+    qs = q * mult.to(q.dtype).reshape(*mult.shape, 1)
+    ref = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=causal)
+    return float((ours - ref).abs().max())
+
+
+def _timing_kwargs(L: int, opts: BenchOptions) -> dict:
+    # the largest size costs ~1 s per call on 2 CPU cores: fewer samples there, and in --quick
+    if L >= 8192 or opts.quick:
+        return {"repeats": 3, "rounds": 2}
+    return {"repeats": opts.repeats, "rounds": 3}
+
+
+@register_bench("attention")
+def run(opts: BenchOptions) -> list[BenchRow]:
+    lengths = (512, 2048) if opts.quick else (512, 2048, 8192)
+    rows: list[BenchRow] = []
+    for L in lengths:
+        rows.extend(_rows_for_length(L, opts))
+    return rows
+
+
+def _rows_for_length(L: int, opts: BenchOptions) -> list[BenchRow]:
+    dev = opts.device
+    rows: list[BenchRow] = []
+    tk = _timing_kwargs(L, opts)
+    q, k, v = _qkv(L, dev)
+    seg = (torch.arange(L) >= L // 2).long()[None].to(dev)
+    umask = unilm_mask(seg)                                   # [1, 1, L, L] bool
+
+    # ---- causal: is_causal fast path, n_i = i + 1 computed arithmetically
+    with torch.no_grad():
+        out = attention(q, k, v, is_causal=True, scale="entropy")
+        err = _entropy_reference_check(out, q, k, v, None, True)
+    t_ours, t_peer = compare(lambda: attention(q, k, v, is_causal=True, scale="entropy"),
+                             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                             device=dev, **tk)
+    rows.append(BenchRow(f"causal L={L} fwd", "attention(entropy)", "SDPA is_causal (1/sqrt d)",
+                         t_ours, t_peer, TARGET, {"max_abs_diff_vs_prescaled_sdpa": f"{err:.2e}"}))
+
+    # ---- UniLM bool mask: n_i = row sums of the mask
+    with torch.no_grad():
+        out = attention(q, k, v, umask, scale="entropy")
+        err = _entropy_reference_check(out, q, k, v, umask, False)
+    t_ours, t_peer = compare(lambda: attention(q, k, v, umask, scale="entropy"),
+                             lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
+                             device=dev, **tk)
+    rows.append(BenchRow(f"unilm mask L={L} fwd", "attention(entropy)", "SDPA bool mask (1/sqrt d)",
+                         t_ours, t_peer, TARGET, {"max_abs_diff_vs_prescaled_sdpa": f"{err:.2e}"}))
+    t_ours, t_peer = compare(lambda: attention(q, k, v, umask, scale="standard"),
+                             lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
+                             device=dev, **tk)
+    rows.append(BenchRow(f"unilm mask L={L} fwd", "attention(standard)", "SDPA bool mask (1/sqrt d)",
+                         t_ours, t_peer, TARGET, {"note": "wrapper overhead: checks, empty-row guard"}))
+
+    # ---- forward + backward (training) at the smaller sizes (only the smallest with --quick)
+    if L <= (512 if opts.quick else 2048):
+        qg, kg, vg = _qkv(L, dev, grad=True)
+        t_ours, t_peer = compare(
+            _fwd_bwd(lambda: attention(qg, kg, vg, is_causal=True, scale="entropy"), (qg, kg, vg)),
+            _fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg)),
+            device=dev, **tk)
+        rows.append(BenchRow(f"causal L={L} fwd+bwd", "attention(entropy)", "SDPA is_causal (1/sqrt d)",
+                             t_ours, t_peer, TARGET))
+        t_ours, t_peer = compare(
+            _fwd_bwd(lambda: attention(qg, kg, vg, umask, scale="entropy"), (qg, kg, vg)),
+            _fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=umask), (qg, kg, vg)),
+            device=dev, **tk)
+        rows.append(BenchRow(f"unilm mask L={L} fwd+bwd", "attention(entropy)",
+                             "SDPA bool mask (1/sqrt d)", t_ours, t_peer, TARGET))
+
+    # ---- FlexAttention BlockMask vs dense bool mask (eager flex materialises the scores: small L only)
+    if L <= (512 if opts.quick else 2048):
+        rows.extend(_flex_rows(L, q, k, v, seg, umask, opts, tk))
+    return rows
+
+
+def _flex_rows(L: int, q, k, v, seg, umask, opts: BenchOptions, tk: dict) -> list[BenchRow]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    rows: list[BenchRow] = []
+    dev = opts.device
+    t0 = time.perf_counter()
+    bm = to_block_mask(unilm(seg), 1, None, L, L, device=dev)
+    t_build = time.perf_counter() - t0
+    dense = render_mask(unilm(seg), 1, 1, L, L, dev)
+    extra_common = {"block_mask_build_s": f"{t_build:.3f}", "block_sparsity": f"{bm.sparsity():.1f}%"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "flex_attention called without torch.compile": the point of the row
+        with torch.no_grad():
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+            err = float((flex_attention(q, k, v, block_mask=bm) - ref).abs().max())
+        eager_kw = tk if L < 2048 else {"repeats": 3, "rounds": 1}
+        t_ours, t_peer = compare(lambda: flex_attention(q, k, v, block_mask=bm),
+                                 lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
+                                 device=dev, **eager_kw)
+    rows.append(BenchRow(f"unilm mask L={L} fwd", "flex_attention eager", "SDPA bool mask", t_ours, t_peer,
+                         "report only (eager flex is a debug path on CPU)",
+                         {**extra_common, "max_abs_diff": f"{err:.2e}"}))
+    if opts.quick:
+        return rows
+    try:
+        t0 = time.perf_counter()
+        compiled = torch.compile(flex_attention, dynamic=False)
+        with torch.no_grad():
+            out = compiled(q, k, v, block_mask=bm)
+        t_compile = time.perf_counter() - t0
+        err = float((out - ref).abs().max())
+        with torch.no_grad():
+            t_ours, t_peer = compare(lambda: compiled(q, k, v, block_mask=bm),
+                                     lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
+                                     device=dev, **tk)
+        rows.append(BenchRow(f"unilm mask L={L} fwd", "flex_attention compiled", "SDPA bool mask", t_ours,
+                             t_peer, "report only",
+                             {**extra_common, "compile_s": f"{t_compile:.1f}", "max_abs_diff": f"{err:.2e}"}))
+    except Exception as exc:  # compilation needs a working C++ toolchain; report, never fake
+        rows.append(BenchRow(f"unilm mask L={L} fwd", "flex_attention compiled", "SDPA bool mask", float("nan"),
+                             None, "report only", {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}))
+    return rows
