@@ -1,0 +1,184 @@
+"""Study "entropy" (article 8, kexue.fm/archives/8823): the entropy-invariant attention scale.
+
+Two identical small RoPE Transformers (same seed, same data order, same masks) are trained as character
+MLMs at length 64: Attention-O uses the standard 1/sqrt(d), Attention-E uses log_512(n)/sqrt(d) with n the
+number of keys a row may see (floored at 16). Both are then scored by MLM accuracy on held-out text at
+lengths 64, 128, 256, 512 and 1024 (same windows, same fixed masks for both), and their mean attention
+entropy is measured at each length. The article's table (RoFormer-small, L=6, H=384) is shown beside ours.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from kexue.data.tokenizers import CharTokenizer
+from kexue.nn.transformer import Transformer
+from kexue.studies.base import Result, StudyContext, Table, register_study
+from kexue.train.mlm import TokenStream, evaluate_mlm, split_documents, train_mlm
+
+LENGTHS = (64, 128, 256, 512, 1024)
+ARTICLE = {"standard": (43.27, 36.53, 23.02, 15.12, 11.54), "entropy": (43.11, 41.17, 34.04, 20.15, 13.58)}
+NAMES = {"standard": "Attention-O", "entropy": "Attention-E"}
+
+QUICK: dict[str, Any] = dict(corpora=("tinyshakespeare",), dim=64, depth=2, heads=2, steps=400, batch_size=16,
+                             seq_len=64, lr=2e-3, eval_tokens=6144, min_windows=2, entropy_windows=2,
+                             held_out=0.1)
+FULL: dict[str, Any] = dict(corpora=("tinyshakespeare", "chinese_novels"), dim=128, depth=4, heads=4,
+                            steps=1500, batch_size=32, seq_len=64, lr=1e-3, eval_tokens=65536, min_windows=16,
+                            entropy_windows=4, held_out=0.1)
+
+
+def load_corpus(name: str, data_dir: str | None) -> tuple[list[str], int]:
+    """The documents of a corpus and the vocabulary ``min_count`` used for it."""
+    from kexue.data import load_chinese_novels, load_tinyshakespeare, load_us_speeches
+
+    if name == "tinyshakespeare":
+        return [load_tinyshakespeare(data_dir)], 1
+    if name == "us_speeches":
+        return list(load_us_speeches(data_dir).values()), 1
+    if name == "chinese_novels":
+        return list(load_chinese_novels(data_dir).values()), 3
+    raise ValueError(f"corpus must be 'tinyshakespeare', 'us_speeches' or 'chinese_novels', got {name!r}")
+
+
+@torch.no_grad()
+def mean_entropy(model: Transformer, windows: torch.Tensor) -> float:
+    """Mean attention entropy (nats) over layers, heads, rows and ``windows`` ``[N, L]``."""
+    vals = [torch.stack(model(w[None], return_entropy=True).entropies).mean() for w in windows]
+    return float(torch.stack(vals).mean())
+
+
+def claim_check(o: list[float], e: list[float]) -> dict[str, Any]:
+    """The article's claim on accuracies (in points) at ``LENGTHS``: E within 1 point of O at 64
+    (E >= O - 1), E ahead at every longer length, and by at least 5 points at 256."""
+    gaps = [b - a for a, b in zip(o, e)]
+    at_train = gaps[0] >= -1.0
+    ahead = all(g > 0 for g in gaps[1:])
+    big = gaps[LENGTHS.index(256)] >= 5.0
+    verdict = "holds" if (at_train and ahead and big) else (
+        "partly holds" if (at_train and ahead) or (ahead and big) else "does not hold")
+    return {"gaps": gaps, "at_train": at_train, "ahead": ahead, "gap256_ge_5": big, "verdict": verdict}
+
+
+def run_corpus(ctx: StudyContext, corpus: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    texts, min_count = load_corpus(corpus, ctx.data_dir)
+    cut = [int(round(len(t) * (1 - cfg["held_out"]))) for t in texts]
+    tok = CharTokenizer.from_corpus([t[:c] for t, c in zip(texts, cut)], min_count=min_count)
+    docs = [tok.encode_tensor(t) for t in texts]
+    train_docs, held_docs = split_documents(docs, cfg["held_out"])
+    train, held = TokenStream(train_docs), TokenStream(held_docs)
+    out: dict[str, Any] = {"vocab_size": tok.vocab_size, "train_tokens": train.num_tokens,
+                           "held_out_tokens": held.num_tokens}
+    for scale in ("standard", "entropy"):
+        torch.manual_seed(ctx.seed)
+        model = Transformer(tok.vocab_size, dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"],
+                            attention_scale=scale)
+        t0 = time.perf_counter()
+        hist = train_mlm(model, train, tok, steps=cfg["steps"], batch_size=cfg["batch_size"],
+                         seq_len=cfg["seq_len"], lr=cfg["lr"], generator=ctx.generator(1),
+                         progress=lambda **kw: ctx.pbar(**kw), device=ctx.device)
+        t_train = time.perf_counter() - t0
+        model.to("cpu").eval()
+        accs, ents, wins = [], [], []
+        for n in LENGTHS:
+            nwin = max(cfg["min_windows"], cfg["eval_tokens"] // n)
+            r = evaluate_mlm(model, held, tok, n, max_windows=nwin, seed=ctx.seed + 7, batch_size=8)
+            accs.append(100.0 * r["accuracy"])
+            wins.append(r["windows"])
+            ents.append(mean_entropy(model, held.windows(n, cfg["entropy_windows"])))
+        out[scale] = {"acc": accs, "entropy": ents, "windows": wins, "train_s": t_train,
+                      "final_loss": sum(hist["loss"][-50:]) / len(hist["loss"][-50:]),
+                      "params": model.num_parameters()}
+    out["check"] = claim_check(out["standard"]["acc"], out["entropy"]["acc"])
+    return out
+
+
+def _figures(ctx: StudyContext, results: dict[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    for ax, (corpus, r) in zip(axes[0], results.items()):
+        for scale, color in (("standard", "tab:blue"), ("entropy", "tab:red")):
+            ax.plot(LENGTHS, r[scale]["acc"], "o-", color=color, label=f"{NAMES[scale]} (ours)")
+            ax.plot(LENGTHS, ARTICLE[scale], "x--", color=color, alpha=0.5, label=f"{NAMES[scale]} (article)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
+        ax.axvline(64, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("test length n (trained at 64)")
+        ax.set_ylabel("MLM accuracy (%)")
+        ax.set_title(corpus)
+        ax.legend(fontsize=7)
+    ctx.save_figure(fig, "entropy_accuracy_vs_length",
+                    "MLM accuracy on held-out text vs test length; models trained at n=64. Dashed: the "
+                    "article's RoFormer-small numbers.")
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    for ax, (corpus, r) in zip(axes[0], results.items()):
+        for scale, color in (("standard", "tab:blue"), ("entropy", "tab:red")):
+            ax.plot(LENGTHS, r[scale]["entropy"], "o-", color=color, label=NAMES[scale])
+        ax.plot(LENGTHS, [float(torch.log(torch.tensor(float(n)))) for n in LENGTHS], ":", color="gray",
+                label="log n (uniform)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
+        ax.set_xlabel("sequence length n")
+        ax.set_ylabel("mean attention entropy (nats)")
+        ax.set_title(corpus)
+        ax.legend(fontsize=7)
+    ctx.save_figure(fig, "entropy_attention_entropy_vs_length",
+                    "Mean attention entropy (over layers, heads and rows) of the trained models on held-out "
+                    "text; an entropy-invariant scale keeps it flatter as n grows.")
+
+
+@register_study("entropy", article=8, title="Entropy-invariant attention scale: train at 64, test up to 1024",
+                quick_budget_s=150,
+                full_time="about 35 min on 2 CPU cores (4 models: 2 corpora x O/E, dim 128, 4 layers, "
+                          "1500 steps of 32x64 tokens)",
+                datasets=("tinyshakespeare", "chinese_novels"))
+def run(ctx: StudyContext) -> Result:
+    cfg = dict(QUICK if ctx.quick else FULL)
+    results = {c: run_corpus(ctx, c, cfg) for c in cfg["corpora"]}
+    tables = []
+    for corpus, r in results.items():
+        rows = [[f"{NAMES[s]} (ours)", *r[s]["acc"]] for s in ("standard", "entropy")]
+        rows.append(["E - O (ours)", *r["check"]["gaps"]])
+        rows += [[f"{NAMES[s]} (article)", *ARTICLE[s]] for s in ("standard", "entropy")]
+        rows.append(["E - O (article)", *[b - a for a, b in zip(ARTICLE["standard"], ARTICLE["entropy"])]])
+        tables.append(Table(f"entropy_accuracy_{corpus}", ["model", *[f"n={n}" for n in LENGTHS]], rows,
+                            caption=f"MLM accuracy (%) on held-out {corpus}, trained at n=64; same windows and "
+                                    f"masks for O and E (windows per length: {r['standard']['windows']})."))
+        tables.append(Table(f"entropy_attention_entropy_{corpus}", ["model", *[f"n={n}" for n in LENGTHS]],
+                            [[NAMES[s], *r[s]["entropy"]] for s in ("standard", "entropy")],
+                            caption="Mean attention entropy (nats) on held-out text."))
+    tables.append(Table("entropy_training", ["corpus", "model", "params", "steps", "final train loss",
+                                             "train time (s)", "vocab"],
+                        [[c, NAMES[s], r[s]["params"], cfg["steps"], r[s]["final_loss"], r[s]["train_s"],
+                          r["vocab_size"]] for c, r in results.items() for s in ("standard", "entropy")],
+                        caption="Training summary (both models see the same batches and masks)."))
+    _figures(ctx, results)
+    verdicts = [r["check"]["verdict"] for r in results.values()]
+    verdict = verdicts[0] if len(set(verdicts)) == 1 else "partly holds"
+    detail = "; ".join(
+        f"{c}: E-O = " + ", ".join(f"{g:+.2f}@{n}" for g, n in zip(r["check"]["gaps"], LENGTHS))
+        + f" (within 1 pt at 64: {r['check']['at_train']}, ahead at all longer: {r['check']['ahead']}, "
+          f">=5 at 256: {r['check']['gap256_ge_5']}) -> {r['check']['verdict']}"
+        for c, r in results.items())
+    return Result(
+        study="entropy", title="Entropy-invariant attention scale (Attention-E vs Attention-O)",
+        article="kexue.fm/archives/8823",
+        claim="Scaling attention logits by log_512(n)/sqrt(d) (n = keys a row may see, floored at 16) matches "
+              "the standard 1/sqrt(d) at the training length and extrapolates better: for an MLM trained at "
+              "n=64, E is within 1 point of O at 64 and ahead at 128..1024, by >=5 points at 256 (article: "
+              "+11.0).",
+        verdict=verdict, verdict_detail=detail, tables=tables,
+        data={c: {"train_tokens": r["train_tokens"], "held_out_tokens": r["held_out_tokens"],
+                  "split": f"last {cfg['held_out']:.0%} of every document held out"} for c, r in results.items()},
+        config={**cfg, "corpora": list(cfg["corpora"]), "tokenizer": "character level",
+                "position": "RoPE", "norm": "pre-LN", "min_n": 16, "base": 512, "mask": "15% (80/10/10)"},
+        notes=["Smaller than the article's RoFormer-small (L=6, H=384) so it runs on CPU; character-level "
+               "tokens rather than words."],
+    )
