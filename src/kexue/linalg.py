@@ -102,18 +102,28 @@ def _normals(a: torch.Tensor, b: torch.Tensor, kind: str) -> tuple[list[torch.Te
     # amplifies it by 1 / ||normal||. Aiming at r b with r^2 = ||a||^2 / ||b||^2 (r ~ 1 + delta / 2) removes
     # that first-order error, so H(a - b) stays accurate to ~eps even for a.b = 1 - 1e-7 in float64.
     half_delta = 0.5 * ((a - b) * (a + b)).sum(-1, keepdim=True)
+    # the fallback normal p(a) is only built where some pair needs it (one host check per map)
     if kind == "householder":
         v = (a - b) - half_delta * b
-        nv = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-        v = torch.where(nv < tol, _perp(a), v)
+        small = torch.linalg.vector_norm(v, dim=-1, keepdim=True) < tol
+        if bool(small.any()):
+            v = torch.where(small, _perp(a), v)
         return [v], one
     if kind == "symmetric":
         u = (a + b) + half_delta * b
-        nu = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
-        u = torch.where(nu < tol, _perp(a), u)
+        small = torch.linalg.vector_norm(u, dim=-1, keepdim=True) < tol
+        if bool(small.any()):
+            u = torch.where(small, _perp(a), u)
         return [u], -one
     if kind == "rotation":
-        c = _safe_normalise(b - dot * a, _perp(a), tol)
+        if not bool((dot < 0).any()):
+            return [a + b, b + b], one
+        w = b - dot * a
+        nw = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+        if bool((nw < tol).any()):
+            c = _safe_normalise(w, _perp(a), tol)
+        else:
+            c = w / nw
         m = torch.where(dot >= 0, b, c)
         return [a + m, b + m], one
     # auto
@@ -202,8 +212,8 @@ class OrthogonalMap:
         d = self.dim
         work = compute_dtype(self.dtype)
         eye = torch.eye(d, dtype=work, device=self.a.device)
-        # rows of the result are T e_j, so transpose to get columns
-        rows = self._apply(eye, work, unsqueeze=True)
+        # rows of the result are T e_j, so transpose to get columns; a single map uses the rank-1 path
+        rows = self._apply(eye, work, unsqueeze=self.a.dim() > 1)
         return rows.transpose(-1, -2).to(self.dtype)
 
     def inverse(self) -> OrthogonalMap:
