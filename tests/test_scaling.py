@@ -159,3 +159,16 @@ def test_lognscale_fixed_equals_entropy_scale_and_learns():
         LogNScale(0)
     with pytest.raises(ValueError, match="counts head dim"):
         learn(torch.ones(2, 4, 5))
+
+
+def test_attention_entropy_with_entropy_scale_uses_per_row_scale():
+    torch.manual_seed(4)
+    q, k = torch.randn(1, 2, 40, 8, dtype=torch.float64), torch.randn(1, 2, 40, 8, dtype=torch.float64)
+    got = attention_entropy(q, k, scale="entropy", is_causal=True, min_n=16)
+    n = torch.arange(1, 41).clamp_min(16).double()
+    per_row = (torch.log(n) / math.log(512) / math.sqrt(8)).view(1, 1, 40, 1)
+    # entropy of row i with the explicit per-row logits scale, via a scale tensor
+    want = attention_entropy(q, k, scale=per_row, is_causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # Attention-E has the smaller scale at n < 512, so its rows are flatter (higher entropy) than Attention-O
+    assert (got >= attention_entropy(q, k, is_causal=True) - 1e-6).all()

@@ -77,8 +77,8 @@ def _needs_counts(scale: ScaleArg) -> bool:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = None,
-              scale: ScaleArg = "standard", *, min_n: float = 16, base: float = 512, dropout_p: float = 0.0,
-              is_causal: bool = False, generator: torch.Generator | None = None) -> Tensor:
+              scale: ScaleArg = "standard", min_n: float = 16, base: float = 512, dropout_p: float = 0.0,
+              is_causal: bool = False, *, generator: torch.Generator | None = None) -> Tensor:
     """Scaled dot-product attention with masks and length-aware scales, on the fused SDPA kernel.
 
     ``scale``:
@@ -267,8 +267,8 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, bm, scale: ScaleArg, *, min
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = None,
-                        scale: ScaleArg = "standard", *, min_n: float = 16, base: float = 512,
-                        dropout_p: float = 0.0, is_causal: bool = False,
+                        scale: ScaleArg = "standard", min_n: float = 16, base: float = 512,
+                        dropout_p: float = 0.0, is_causal: bool = False, *,
                         generator: torch.Generator | None = None) -> Tensor:
     """Naive ``softmax(scale * Q K^T + mask) V`` on materialised scores; the reference for :func:`attention`.
 
