@@ -88,6 +88,16 @@ def test_mlm_head_is_tied_to_embeddings():
     assert not any("head" in n and p.shape == m.tok_emb.weight.shape for n, p in m.named_parameters())
 
 
+def test_logits_positions_select_rows():
+    m = _model()
+    ids = torch.randint(0, 40, (2, 9))
+    sel = torch.rand(2, 9) < 0.4
+    sel[0, 0] = True
+    torch.testing.assert_close(m(ids, logits_positions=sel).logits, m(ids).logits[sel])
+    with pytest.raises(ValueError, match="logits_positions"):
+        m(ids, logits_positions=sel[:, :3])
+
+
 def test_any_length_at_inference_and_padding():
     m = _model()
     for n in (1, 7, 64, 300):

@@ -224,7 +224,9 @@ class Transformer(nn.Module):
     return_entropy=False)``: ``position_ids`` default to ``0..L-1`` (pass the original positions for a
     permutation LM); ``attention_mask`` ``[B, L]`` marks real tokens (1) vs padding (0); ``mask`` is a
     boolean attention mask broadcastable to ``[B, H, L, L]`` (``True`` = may attend), e.g. from
-    :func:`kexue.attention.unilm_mask`; ``is_causal`` adds the LM mask.
+    :func:`kexue.attention.unilm_mask`; ``is_causal`` adds the LM mask; ``logits_positions`` (bool ``[B, L]``)
+    computes the MLM logits only there and returns them as ``[N, vocab]`` (cheap MLM training with a large
+    vocabulary).
 
     Example:
         >>> m = Transformer(vocab_size=30, dim=32, depth=1, heads=2, norm="post")
@@ -312,7 +314,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                is_causal: bool = False, return_entropy: bool = False) -> TransformerOutput:
+                is_causal: bool = False, return_entropy: bool = False,
+                logits_positions: torch.Tensor | None = None) -> TransformerOutput:
         check_tensor("input_ids", input_ids, floating=False, dim=2)
         b, n = input_ids.shape
         if n == 0:
@@ -335,7 +338,14 @@ class Transformer(nn.Module):
             if entropies is not None:
                 entropies.append(ent)
         hidden = self.final_ln(x)
-        h = self.head_ln(F.gelu(self.head_dense(hidden)))
+        h = hidden
+        if logits_positions is not None:
+            check_tensor("logits_positions", logits_positions)
+            if logits_positions.dtype != torch.bool or logits_positions.shape != (b, n):
+                raise ValueError(f"logits_positions must be a bool tensor [B, L]=[{b}, {n}], got "
+                                 f"{logits_positions.dtype} {tuple(logits_positions.shape)}")
+            h = hidden[logits_positions]
+        h = self.head_ln(F.gelu(self.head_dense(h)))
         logits = F.linear(h, self.tok_emb.weight, self.head_bias)
         return TransformerOutput(hidden=hidden, logits=logits, entropies=entropies)
 

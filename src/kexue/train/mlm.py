@@ -209,7 +209,14 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def mlm_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the labelled (masked) positions."""
+    """Mean cross-entropy over the labelled (masked) positions (a :class:`~kexue.nn.Transformer` computes
+    the logits only there)."""
+    from kexue.nn.transformer import Transformer
+
+    if isinstance(model, Transformer):
+        sel = labels != IGNORE_INDEX
+        logits = model(inputs, logits_positions=sel).logits
+        return F.cross_entropy(logits.float(), labels[sel])
     logits = model(inputs).logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX)
@@ -348,6 +355,8 @@ def mlm_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, b
     if inputs.shape != labels.shape:
         raise ValueError(f"inputs and labels must have the same shape, got {tuple(inputs.shape)} "
                          f"and {tuple(labels.shape)}")
+    from kexue.nn.transformer import Transformer
+
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -357,8 +366,11 @@ def mlm_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, b
         sel = y != IGNORE_INDEX
         if not sel.any():
             continue
-        pred = model(x).logits.argmax(-1)
-        correct += int((pred[sel] == y[sel]).sum())
+        if isinstance(model, Transformer):
+            pred = model(x, logits_positions=sel).logits.argmax(-1)
+        else:
+            pred = model(x).logits.argmax(-1)[sel]
+        correct += int((pred == y[sel]).sum())
         total += int(sel.sum())
     if was_training:
         model.train()
