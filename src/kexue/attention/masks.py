@@ -320,7 +320,10 @@ def permutation(order: Tensor) -> MaskMod:
 
 
 def from_dense(mask: Tensor) -> MaskMod:
-    """Predicate that looks up a dense bool mask broadcastable to ``[B, H, Q, K]`` (e.g. for FlexAttention).
+    """Predicate that looks up a dense bool mask (e.g. to hand an arbitrary mask to FlexAttention).
+
+    ``mask`` broadcasts to ``[B, H, Q, K]`` by the usual rules, as in SDPA: ``[Q, K]``, ``[H|1, Q, K]`` or
+    ``[B|1, H|1, Q, K]``.
 
     Example:
         >>> m = causal_mask(3)
@@ -331,7 +334,7 @@ def from_dense(mask: Tensor) -> MaskMod:
     if t.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {t.dtype}")
     if not 2 <= t.dim() <= 4:
-        raise ValueError(f"mask must have shape [Q, K], [B|1, 1|H, Q, K] or [B|1, Q, K], got {tuple(t.shape)}")
+        raise ValueError(f"mask must have shape [Q, K], [H|1, Q, K] or [B|1, H|1, Q, K], got {tuple(t.shape)}")
     m4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
     def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
