@@ -122,7 +122,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
 
     if mask is None:
         # no mask: either nothing hidden, or SDPA's own causal path (top-left, every row sees >= 1 key)
-        if isinstance(scale, str) and scale == "entropy":
+        if isinstance(scale, str) and scale == "entropy" and not is_causal:
+            # every row sees all K keys: the entropy scale is one number, SDPA takes it as is
+            mult, s = None, math.log(max(Lk, min_n)) / math.log(base) / math.sqrt(D)
+        elif isinstance(scale, str) and scale == "entropy":
             # n_i depends only on (Q, K, is_causal): a cached [Q, 1] table, no per-call work
             mult, s = _causal_logn_table(Lq, Lk, is_causal, float(min_n), float(base), q.dtype, q.device), \
                 1.0 / math.sqrt(D)
