@@ -26,7 +26,7 @@ NAMES = {"standard": "Attention-O", "entropy": "Attention-E"}
 QUICK: dict[str, Any] = dict(corpora=("tinyshakespeare",), dim=64, depth=2, heads=2, steps=800, batch_size=16,
                              seq_len=64, lr=2e-3, eval_tokens=6144, min_windows=2, entropy_windows=2,
                              held_out=0.1)
-FULL: dict[str, Any] = dict(corpora=("tinyshakespeare", "chinese_novels"), dim=128, depth=4, heads=2,
+FULL: dict[str, Any] = dict(corpora=("tinyshakespeare", "chinese_novels"), dim=96, depth=3, heads=2,
                             steps=1000, batch_size=32, seq_len=64, lr=2e-3, eval_tokens=32768, min_windows=16,
                             entropy_windows=4, held_out=0.1)
 
@@ -82,18 +82,25 @@ def run_corpus(ctx: StudyContext, corpus: str, cfg: dict[str, Any]) -> dict[str,
                          progress=lambda **kw: ctx.pbar(**kw), device=ctx.device)
         t_train = time.perf_counter() - t0
         model.to("cpu").eval()
-        accs, ents, wins = [], [], []
+        accs, ents, wins, masked = [], [], [], []
         for n in LENGTHS:
             nwin = max(cfg["min_windows"], cfg["eval_tokens"] // n)
             r = evaluate_mlm(model, held, tok, n, max_windows=nwin, seed=ctx.seed + 7, batch_size=8)
             accs.append(100.0 * r["accuracy"])
             wins.append(r["windows"])
+            masked.append(r["masked"])
             ents.append(mean_entropy(model, held.windows(n, cfg["entropy_windows"])))
-        out[scale] = {"acc": accs, "entropy": ents, "windows": wins, "train_s": t_train,
+        out[scale] = {"acc": accs, "entropy": ents, "windows": wins, "masked": masked, "train_s": t_train,
                       "final_loss": sum(hist["loss"][-50:]) / len(hist["loss"][-50:]),
                       "params": model.num_parameters()}
     out["check"] = claim_check(out["standard"]["acc"], out["entropy"]["acc"])
     return out
+
+
+def _se(r: dict[str, Any], i: int) -> float:
+    """Binomial standard error (points) of Attention-O's accuracy at ``LENGTHS[i]``."""
+    p, n = r["standard"]["acc"][i] / 100.0, r["standard"].get("masked", [0] * len(LENGTHS))[i]
+    return 100.0 * (p * (1 - p) / n) ** 0.5 if n else float("nan")
 
 
 def _figures(ctx: StudyContext, results: dict[str, dict[str, Any]]) -> None:
@@ -136,8 +143,8 @@ def _figures(ctx: StudyContext, results: dict[str, dict[str, Any]]) -> None:
 
 @register_study("entropy", article=8, title="Entropy-invariant attention scale: train at 64, test up to 1024",
                 quick_budget_s=150,
-                full_time="about 25 min on 2 CPU cores (4 models: 2 corpora x O/E, dim 128, 4 layers, head "
-                          "size 64, 1000 steps of 32x64 tokens; ~20 CPU-minutes measured on one thread)",
+                full_time="about 15 min on 2 free CPU cores (4 models: 2 corpora x O/E, dim 96, 3 layers, head "
+                          "size 48, 1000 steps of 32x64 tokens; ~14 CPU-minutes on one thread)",
                 datasets=("tinyshakespeare", "chinese_novels"))
 def run(ctx: StudyContext) -> Result:
     cfg = dict(QUICK if ctx.quick else FULL)
@@ -156,7 +163,8 @@ def assemble(ctx: StudyContext, cfg: dict[str, Any], results: dict[str, dict[str
         rows.append(["E - O (article)", *[b - a for a, b in zip(ARTICLE["standard"], ARTICLE["entropy"])]])
         tables.append(Table(f"entropy_accuracy_{corpus}", ["model", *[f"n={n}" for n in LENGTHS]], rows,
                             caption=f"MLM accuracy (%) on held-out {corpus}, trained at n=64; same windows and "
-                                    f"masks for O and E (windows per length: {r['standard']['windows']})."))
+                                    f"masks for O and E (windows per length: {r['standard']['windows']}; "
+                                    f"masked positions: {r['standard'].get('masked')})."))
         tables.append(Table(f"entropy_attention_entropy_{corpus}", ["model", *[f"n={n}" for n in LENGTHS]],
                             [[NAMES[s], *r[s]["entropy"]] for s in ("standard", "entropy")],
                             caption="Mean attention entropy (nats) on held-out text."))
@@ -171,7 +179,8 @@ def assemble(ctx: StudyContext, cfg: dict[str, Any], results: dict[str, dict[str
     detail = "; ".join(
         f"{c}: E-O = " + ", ".join(f"{g:+.2f}@{n}" for g, n in zip(r["check"]["gaps"], LENGTHS))
         + f" (within 1 pt at 64: {r['check']['at_train']}, ahead at all longer: {r['check']['ahead']}, "
-          f">=5 at 256: {r['check']['gap256_ge_5']}) -> {r['check']['verdict']}"
+          f">=5 at 256: {r['check']['gap256_ge_5']}) -> {r['check']['verdict']}; sampling s.e. of one "
+          f"accuracy: {_se(r, 0):.2f} pts at 64, {_se(r, 2):.2f} at 256"
         for c, r in results.items())
     return Result(
         study="entropy", title="Entropy-invariant attention scale (Attention-E vs Attention-O)",
