@@ -164,7 +164,7 @@ def _pca2(z: torch.Tensor) -> torch.Tensor:
 
 
 @register_study("margin", article=7, title="From the triangle inequality to Margin Softmax: retrieval on unseen "
-                "classes", quick_budget_s=140, full_time="about 50 min on 2 busy CPU cores (54 runs)",
+                "classes", quick_budget_s=140, full_time="about 90 min on 2 busy CPU cores (54 runs of 1-2 min)",
                 datasets=("fashion-mnist", "mnist", "att-faces"))
 def run(ctx: StudyContext) -> Result:
     cfg = dict(QUICK if ctx.quick else FULL)
