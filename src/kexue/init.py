@@ -123,13 +123,17 @@ def _std_trunc_normal(shape: torch.Size, a: float, b: float, dtype: torch.dtype,
     lo, hi = cdf(a), cdf(b)
     n = math.prod(shape)
     if hi - lo >= 0.2:
-        out = torch.randn(n, dtype=dtype, device=device, generator=generator)
-        bad = (out < a) | (out > b)
-        while bool(bad.any()):
-            idx = bad.nonzero().squeeze(1)
-            out[idx] = torch.randn(idx.numel(), dtype=dtype, device=device, generator=generator)
-            bad = (out < a) | (out > b)
-        return out.reshape(shape)
+        # draw a few percent more than the expected need, keep the accepted ones, top up if short
+        kept: list[torch.Tensor] = []
+        have = 0
+        while have < n:
+            want = n - have
+            draw = int(want / (hi - lo) * 1.05) + 16
+            z = torch.randn(draw, dtype=dtype, device=device, generator=generator)
+            z = z[(z >= a) & (z <= b)][:want]
+            kept.append(z)
+            have += z.numel()
+        return torch.cat(kept).reshape(shape)
     u = torch.rand(n, dtype=torch.float64, device=device, generator=generator) * (hi - lo) + lo
     x = torch.special.ndtri(u).clamp_(a, b)
     return x.to(dtype).reshape(shape)

@@ -150,7 +150,7 @@ def _speed(ctx: StudyContext, dims: list[int], nvec: int) -> tuple[Table, dict[s
                 quick_budget_s=25, full_time="about 1 min on 2 CPU cores")
 def run(ctx: StudyContext) -> Result:
     quick = ctx.quick
-    d, n = (64, 100) if quick else (256, 1000)
+    d, n = (64, 100) if quick else (128, 300)
     dims = [64, 128, 256, 512, 1024] if quick else [32, 64, 128, 256, 512, 1024, 2048, 4096]
     nvec = 1024 if quick else 4096
     config = {"d": d, "pairs_per_case": n, "speed_dims": dims, "speed_vectors": nvec, "speed_dtype": "float32"}
