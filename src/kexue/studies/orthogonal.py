@@ -147,7 +147,7 @@ def _speed(ctx: StudyContext, dims: list[int], nvec: int) -> tuple[Table, dict[s
 
 
 @register_study("orthogonal", article=6, title="The orthogonal matrix taking unit vector a to b",
-                quick_budget_s=25, full_time="about 1 min on 2 CPU cores")
+                quick_budget_s=25, full_time="about 3 min on 2 CPU cores (174 s measured on a loaded machine)")
 def run(ctx: StudyContext) -> Result:
     quick = ctx.quick
     d, n = (64, 100) if quick else (128, 300)
