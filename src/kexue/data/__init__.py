@@ -35,8 +35,10 @@ from .registry import (
     verify_file,
     where,
 )
+from .tokenizers import SPECIAL_TOKENS, CharTokenizer
 
 __all__ = [
+    "SPECIAL_TOKENS", "CharTokenizer",
     "CIFAR10_CLASSES", "DATASETS", "CorruptFileError", "DataNotFoundError", "DatasetSpec", "FileSpec",
     "cache_dir", "cifar10_source", "get_spec", "load_arxiv_titles", "load_att_faces", "load_bbc_news",
     "load_chinese_novels", "load_cifar10", "load_csl_titles", "load_digits", "load_fashion_mnist", "load_mnist",

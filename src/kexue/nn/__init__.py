@@ -6,8 +6,15 @@
 torch.Size([2, 10])
 """
 
-from .transformer import AttentionFunction, SoftmaxAttention, Transformer, TransformerBlock, apply_rope
+from .transformer import (
+    AttentionFunction,
+    SoftmaxAttention,
+    Transformer,
+    TransformerBlock,
+    TransformerOutput,
+    apply_rope,
+)
 from .vision import BasicBlock, ResNet, SmallCNN, resnet18
 
 __all__ = ["AttentionFunction", "BasicBlock", "ResNet", "SmallCNN", "SoftmaxAttention", "Transformer",
-           "TransformerBlock", "apply_rope", "resnet18"]
+           "TransformerBlock", "TransformerOutput", "apply_rope", "resnet18"]
