@@ -555,7 +555,31 @@ class _Transform(nn.Module):
         return bool(torch.rand((), generator=gen, device=gen_device) >= self.prob)
 
 
-class Mixup(_Transform):
+class _MixTransform(_Transform):
+    """Shared body of :class:`Mixup` and :class:`CutMix`: they differ only in the mixing function ``_mix``."""
+
+    _mix: Any
+
+    def __init__(self, alpha: float | str = 1.0, per: str = "batch", prob: float = 1.0,
+                 num_classes: int | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__(prob, generator)
+        self.alpha = _alpha(alpha)
+        self.per = check_choice("per", per, ("batch", "sample"))
+        self.num_classes = _check_num_classes(num_classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+                epoch: int | None = None) -> tuple[torch.Tensor, MixedTargets | torch.Tensor]:
+        gen = self._gen(generator)
+        if self._skip(gen):
+            return x, y
+        xm, ya, yb, lam = self._mix(x, y, self.alpha, self.per, gen, num_classes=self.num_classes)
+        return xm, MixedTargets(ya, yb, lam)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, per={self.per!r}, prob={self.prob}"
+
+
+class Mixup(_MixTransform):
     """mixup as a training-step transform (kexue.fm/archives/5693); usable as ``fit(batch_transform=...)``.
 
     ``Mixup(alpha)(x, y, generator=None, epoch=None)`` returns ``(x_mixed, MixedTargets(y_a, y_b, lam))``
@@ -568,26 +592,10 @@ class Mixup(_Transform):
         >>> loss = mixed_loss(torch.randn(5, 3), t)
     """
 
-    def __init__(self, alpha: float | str = 1.0, per: str = "batch", prob: float = 1.0,
-                 num_classes: int | None = None, generator: torch.Generator | None = None) -> None:
-        super().__init__(prob, generator)
-        self.alpha = _alpha(alpha)
-        self.per = check_choice("per", per, ("batch", "sample"))
-        self.num_classes = _check_num_classes(num_classes)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
-                epoch: int | None = None) -> tuple[torch.Tensor, MixedTargets | torch.Tensor]:
-        gen = self._gen(generator)
-        if self._skip(gen):
-            return x, y
-        xm, ya, yb, lam = mixup(x, y, self.alpha, self.per, gen, num_classes=self.num_classes)
-        return xm, MixedTargets(ya, yb, lam)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, per={self.per!r}, prob={self.prob}"
+    _mix = staticmethod(mixup)
 
 
-class CutMix(_Transform):
+class CutMix(_MixTransform):
     """CutMix as a training-step transform, with the exact kept-area λ (see :func:`cutmix`).
 
     Example:
@@ -595,23 +603,7 @@ class CutMix(_Transform):
         >>> x, t = c(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
     """
 
-    def __init__(self, alpha: float | str = 1.0, per: str = "batch", prob: float = 1.0,
-                 num_classes: int | None = None, generator: torch.Generator | None = None) -> None:
-        super().__init__(prob, generator)
-        self.alpha = _alpha(alpha)
-        self.per = check_choice("per", per, ("batch", "sample"))
-        self.num_classes = _check_num_classes(num_classes)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
-                epoch: int | None = None) -> tuple[torch.Tensor, MixedTargets | torch.Tensor]:
-        gen = self._gen(generator)
-        if self._skip(gen):
-            return x, y
-        xm, ya, yb, lam = cutmix(x, y, self.alpha, self.per, gen, num_classes=self.num_classes)
-        return xm, MixedTargets(ya, yb, lam)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, per={self.per!r}, prob={self.prob}"
+    _mix = staticmethod(cutmix)
 
 
 class SamplePairing(_Transform):
