@@ -43,3 +43,11 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype to compute in: fp16/bf16 are promoted to fp32, everything else is kept."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def import_modules(package: str, names: tuple[str, ...]) -> None:
+    """Import ``package.name`` for each name (used to register every study and benchmark module)."""
+    import importlib
+
+    for name in names:
+        importlib.import_module(f"{package}.{name}")

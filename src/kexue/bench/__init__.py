@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-
+from .._checks import import_modules
 from .base import BENCHES, BenchOptions, BenchRow, compare, format_rows, register_bench, time_call
 
 BENCH_MODULES = ("augment", "attention", "linalg", "losses")
 
 
 def load_all() -> dict:
-    """Import every benchmark module that exists so all are registered."""
-    for mod in BENCH_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{mod}":
-                raise
+    """Import every benchmark module so all are registered; return the registry."""
+    import_modules(__name__, BENCH_MODULES)
     return BENCHES
 
 
