@@ -29,3 +29,12 @@ def data_dir() -> Path:
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models run faster on it, and do not thrash when the 2 CI cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

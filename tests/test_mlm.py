@@ -26,13 +26,7 @@ from kexue.train.mlm import (
 
 TEXT = "白切鸡好吃。To be, or not to be: that is the question.\n" * 5
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and do not thrash when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -18,13 +18,7 @@ from kexue.studies.masks import (
 )
 from kexue.train.mlm import TokenStream, train_mlm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(scale: str = "standard", norm: str = "pre", dtype=torch.float64) -> Transformer:

@@ -10,14 +10,7 @@ import torch.nn.functional as F
 
 from kexue.train import FlipCrop, TrainConfig, TrainHistory, fit, lr_factor, random_crop, random_horizontal_flip
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box has 2 shared cores: one intra-op thread avoids oversubscription and keeps runs deterministic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n=128, d=6, classes=3, seed=0):

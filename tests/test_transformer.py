@@ -10,14 +10,7 @@ import torch.nn.functional as F
 
 from kexue.nn.transformer import SoftmaxAttention, Transformer, TransformerBlock, apply_rope
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and do not thrash when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -7,13 +7,7 @@ import torch
 
 from kexue.nn.vision import ResNet, SmallCNN, resnet18
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: avoid oversubscription
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(m: torch.nn.Module) -> int:
