@@ -18,6 +18,8 @@ mixup) can target a layer by name: ``model.get_submodule("layer2").register_forw
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -39,7 +41,7 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class _Head(nn.Module):
+class _Head(nn.Module, ABC):
     """Shared tail: optional linear embedding, then optional classifier."""
 
     def _build_head(self, feature_dim: int, num_classes: int | None, embedding_dim: int | None) -> None:
@@ -50,8 +52,9 @@ class _Head(nn.Module):
         self.feature_dim = embedding_dim if embedding_dim is not None else feature_dim
         self.fc = nn.Linear(self.feature_dim, num_classes) if num_classes is not None else None
 
-    def _trunk(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional body: images -> flat features (each network defines it)."""
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_tensor("x", x, floating=True, dim=4)
