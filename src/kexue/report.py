@@ -55,18 +55,13 @@ def _table_html(t: Table) -> str:
 
 
 def _json_default(o: Any) -> Any:
-    try:
-        import numpy as np
-        import torch
+    import numpy as np
+    import torch
 
-        if isinstance(o, torch.Tensor):
-            return o.tolist()
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(o, (torch.Tensor, np.ndarray)):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
     if isinstance(o, Path):
         return str(o)
     return repr(o)
