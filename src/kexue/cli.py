@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
+from ._io import atomic_write
 
 
 def _resolve_device(name: str) -> str:
@@ -147,9 +148,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"({time.perf_counter() - t0:.1f} s)\n", flush=True)
         out[name] = [r.to_dict() for r in rows]
     if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"machine": _machine(), "benchmarks": out}, indent=2))
-        os.replace(tmp, args.json)
+        payload = json.dumps({"machine": _machine(), "benchmarks": out}, indent=2).encode()
+        atomic_write(args.json, lambda f: f.write(payload))
     return 0
 
 

@@ -15,13 +15,13 @@ import os
 import pickle
 import struct
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from .registry import cache_dir, resolve, resolve_file, where
 
 PathLike = str | os.PathLike | None
@@ -86,15 +86,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _decode_cifar_jpeg(archive: Path) -> dict[str, np.ndarray]:

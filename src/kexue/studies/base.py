@@ -7,7 +7,6 @@ builds a context (mode, seed, device, data directory, figure folder) and hands t
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .._io import atomic_write
 
 VERDICTS = ("holds", "does not hold", "partly holds", "not tested")
 
@@ -115,12 +116,9 @@ class StudyContext:
         """Write a matplotlib figure to ``fig_dir/name.png`` (atomically), close it and record it."""
         import matplotlib.pyplot as plt
 
-        self.fig_dir.mkdir(parents=True, exist_ok=True)
-        path = self.fig_dir / f"{name}.png"
-        tmp = self.fig_dir / f".{name}.png.tmp"
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        path = atomic_write(self.fig_dir / f"{name}.png",
+                            lambda f: fig.savefig(f, dpi=110, bbox_inches="tight", format="png"))
         plt.close(fig)
-        os.replace(tmp, path)
         f = Figure(name=name, path=str(path), caption=caption)
         self.figures.append(f)
         return f
