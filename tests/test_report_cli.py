@@ -98,3 +98,19 @@ def test_register_study_decorator(fake_studies):
         return Result("fake-reg", "t", "a", "c", "holds", "d")
 
     assert STUDIES["fake-reg"].article == 9 and STUDIES["fake-reg"].run is run
+
+
+def test_torch_threads_restores_the_count_even_on_error():
+    import torch
+
+    from kexue.studies.base import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before

@@ -7,8 +7,9 @@ builds a context (mode, seed, device, data directory, figure folder) and hands t
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,22 @@ class StudyContext:
         from tqdm.auto import tqdm
 
         return tqdm(iterable, total=total, desc=desc, disable=not self.progress, leave=False, **kw)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` intra-op torch threads (``None``: leave as is), restoring the count afterwards.
+
+    Studies of many small ops use one thread: a second one adds overhead, and several-fold slowdowns when
+    the cores are shared.
+    """
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import init as ki
-from .base import Result, StudyContext, Table, register_study
+from .base import Result, StudyContext, Table, register_study, torch_threads
 
 CLAIM = ("A matrix with i.i.d. mean-0, variance-1/n entries is approximately orthogonal (error shrinks like 1/n, "
          "for normal and uniform entries alike), so variance 1/fan_out (times 2 before ReLU) keeps activation "
@@ -252,14 +252,10 @@ def run(ctx: StudyContext) -> Result:
               "width": width, "batch": batch, "networks_per_curve": reps,
               "dtype": "float64 (matrices), float32 (propagation)"}
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small matmuls/QRs: threading only adds overhead (and contention)
-    try:
+    with torch_threads(1):  # many small matmuls/QRs: threading only adds overhead (and contention)
         t_orth, orth = _orth_error_vs_n(ctx, ns, trials)
         t_sv, sv = _singular_values(ctx, n_sq, n_tall, 8)
         t_prop, t_rect, prop = _propagation(ctx, depth, width, batch, reps)
-    finally:
-        torch.set_num_threads(threads)
     _figures(ctx, orth, sv, prop, depth)
 
     # verdict from the numbers

@@ -22,7 +22,7 @@ import torch
 
 from ..augment import Mixup, SamplePairing, SamplePairingSchedule, mixed_loss, mixup, sample_pairing
 from ..metrics.classification import evaluate_classifier, linearity_gap, predict_logits
-from .base import Result, StudyContext, Table, register_study
+from .base import Result, StudyContext, Table, register_study, torch_threads
 
 METHODS = ("ERM", "SamplePairing", "mixup U[0,1] (Su)", "mixup Beta(0.2,0.2)")
 SU = "mixup U[0,1] (Su)"
@@ -212,13 +212,8 @@ def run_config(ctx: StudyContext, cfg: dict[str, Any]) -> Result:
     On the CPU the runs use one intra-op thread (restored afterwards): these small convolutions gain
     little from a second thread and lose several-fold when the cores are shared.
     """
-    threads = torch.get_num_threads()
-    if str(ctx.device).startswith("cpu"):
-        torch.set_num_threads(1)
-    try:
+    with torch_threads(1 if str(ctx.device).startswith("cpu") else None):
         return _run(ctx, cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(ctx: StudyContext, cfg: dict[str, Any]) -> Result:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..linalg import KINDS, naive_matrix, orthogonal_map
-from .base import Result, StudyContext, Table, register_study
+from .base import Result, StudyContext, Table, register_study, torch_threads
 
 CLAIM = ("Three closed forms give an orthogonal T with Ta = b: the rotation I + 2baᵀ − (a+b)(a+b)ᵀ/(1+aᵀb) "
          "(det +1), the Householder reflection I − 2(a−b)(a−b)ᵀ/‖a−b‖² (det −1) and Su's symmetric form "
@@ -155,13 +155,9 @@ def run(ctx: StudyContext) -> Result:
     nvec = 1024 if quick else 4096
     config = {"d": d, "pairs_per_case": n, "speed_dims": dims, "speed_vectors": nvec, "speed_dtype": "float32"}
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops, and fair timings on a shared machine: one thread for both sides
-    try:
+    with torch_threads(1):  # small ops, and fair timings on a shared machine: one thread for both sides
         err_tables, summ = _error_table(ctx, d, n)
         speed_table, curves = _speed(ctx, dims, nvec)
-    finally:
-        torch.set_num_threads(threads)
 
     import matplotlib
 
