@@ -84,17 +84,24 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     torch.manual_seed(args.seed)
     builder = ReportBuilder(args.out)
+    runs_dir = None
+    if not args.no_resume and (args.full or args.runs_dir):
+        from .data.registry import cache_dir
+
+        runs_dir = Path(args.runs_dir) if args.runs_dir else cache_dir() / "runs"
     results: list[Result] = []
     failed = []
     t_start = time.perf_counter()
     print(f"kexue reproduce: {len(names)} stud{'y' if len(names) == 1 else 'ies'} ({mode}) on {device} "
           f"-> {Path(args.out).resolve()}", flush=True)
+    if runs_dir is not None:
+        print(f"finished runs are kept in {runs_dir} and reused on a rerun (--no-resume recomputes them)", flush=True)
     for i, name in enumerate(names, 1):
         spec = STUDIES[name]
         budget = f"quick budget {spec.quick_budget_s:.0f} s" if mode == "quick" else f"full: {spec.full_time}"
         print(f"[{i}/{len(names)}] {name} (article {spec.article}; {budget}) ...", flush=True)
         ctx = StudyContext(mode=mode, seed=args.seed, device=device, data_dir=args.data_dir,
-                           fig_dir=builder.fig_dir, progress=not args.no_progress)
+                           fig_dir=builder.fig_dir, progress=not args.no_progress, runs_dir=runs_dir)
         t0 = time.perf_counter()
         try:
             result = run_study(name, ctx)
@@ -178,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
     pr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     pr.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    pr.add_argument("--runs-dir", default=None,
+                    help="where finished training runs are stored so an interrupted study resumes (default with "
+                         "--full: $KEXUE_CACHE_DIR/runs or ~/.cache/kexue/runs; quick mode stores nothing unless "
+                         "this is given)")
+    pr.add_argument("--no-resume", action="store_true", help="recompute every run, ignoring stored ones")
 
     pb = sub.add_parser("bench", help="time our pieces against the peers, side by side")
     pb.add_argument("names", nargs="*", help="benchmark names (default: all)")

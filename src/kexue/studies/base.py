@@ -8,6 +8,10 @@ builds a context (mode, seed, device, data directory, figure folder) and hands t
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import inspect
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -102,6 +106,7 @@ class StudyContext:
     fig_dir: Path = field(default_factory=lambda: Path("."))
     progress: bool = True
     figures: list[Figure] = field(default_factory=list)
+    runs_dir: Path | None = None
 
     @property
     def quick(self) -> bool:
@@ -123,6 +128,45 @@ class StudyContext:
         f = Figure(name=name, path=str(path), caption=caption)
         self.figures.append(f)
         return f
+
+    def cached_run(self, key: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``fn()``, stored under ``runs_dir`` so that an interrupted study resumes where it stopped.
+
+        A study calls this once per independent unit of work (one training run) with a ``key`` naming it
+        fully (configuration, seed, setting). With ``runs_dir=None`` (the default; tests) it simply calls
+        ``fn``. Otherwise the JSON result is written atomically to ``runs_dir/<study>/<hash>.json`` after
+        ``fn`` returns and read back instead of recomputing when the same key is asked again. The hash covers
+        the key, the mode, the device, the kexue version and the source of ``fn`` (of ``fn.func`` for a
+        ``functools.partial``), so editing the function that does the run invalidates its stored results while
+        editing the study's tables and figures does not. Changes deeper in the library are not tracked: use
+        ``kexue reproduce --no-resume`` (or a fresh ``--runs-dir``) after them.
+        """
+        if self.runs_dir is None:
+            return fn()
+        caller = inspect.currentframe()
+        module = inspect.getmodule(caller.f_back) if caller is not None and caller.f_back is not None else None
+        study = module.__name__.rsplit(".", 1)[-1] if module else "study"
+        target = fn.func if isinstance(fn, functools.partial) else fn
+        try:
+            source = inspect.getsource(target)
+        except (OSError, TypeError):
+            source = repr(target)
+        from .. import __version__
+
+        blob = json.dumps({"key": key, "mode": self.mode, "device": str(self.device), "version": __version__,
+                           "source": hashlib.sha256(source.encode()).hexdigest()}, sort_keys=True, default=str)
+        path = Path(self.runs_dir) / study / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
+        if path.is_file():
+            try:
+                stored = json.loads(path.read_text())
+                if stored.get("blob") == blob:
+                    return stored["value"]
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable or foreign: recompute and overwrite
+        value = fn()
+        text = json.dumps({"blob": blob, "value": value}, sort_keys=True)
+        atomic_write(path, lambda f: f.write(text.encode()))
+        return value
 
     def pbar(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "", **kw: Any):
         """A tqdm progress bar that respects ``progress=False``."""

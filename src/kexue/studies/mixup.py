@@ -15,7 +15,9 @@ of the two standard deviations).
 
 from __future__ import annotations
 
+import functools
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -216,8 +218,34 @@ def run_config(ctx: StudyContext, cfg: dict[str, Any]) -> Result:
         return _run(ctx, cfg)
 
 
+def _train_one(ctx: StudyContext, cfg: dict[str, Any], setting: dict[str, Any], name: str, method: str, seed: int,
+               train: tuple, curve_eval: tuple, final: tuple, gap_pairs: tuple, metrics_fn: Callable,
+               augment: Any) -> dict[str, Any]:
+    """One training run of the study and its evaluation, as plain JSON-able values."""
+    from ..train import TrainConfig, fit
+
+    epochs = cfg["epochs"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = _make_net(setting, train[0].shape[1])
+    tc = TrainConfig(epochs=epochs, batch_size=cfg["batch_size"], optimizer="sgd", lr=cfg["lr"],
+                     momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], schedule="cosine",
+                     warmup_epochs=cfg["warmup_epochs"], seed=seed, device=ctx.device, progress=False, log=False)
+    hist = fit(net, train, tc, loss_fn=mixed_loss, batch_transform=_transform(method, epochs), augment=augment,
+               eval_data=curve_eval, metrics_fn=metrics_fn)
+    net = hist.model
+    ev = evaluate_classifier(net, *final)
+    gap_a, gap_b, gap_eps = gap_pairs
+    gap = linearity_gap(net, gap_a, gap_b, eps=gap_eps)
+    run = {"setting": name, "method": method, "seed": seed, "error": ev["error"], "ece": ev["ece"], "nll": ev["nll"],
+           "gap": gap, "clean_train_loss": hist.last["clean_train_loss"],
+           "time_s": sum(r["time"] for r in hist.records)}
+    curve = [{k: r[k] for k in ("epoch", "clean_train_loss", "test_error")} for r in hist.records]
+    return {"run": run, "curve": curve}
+
+
 def _run(ctx: StudyContext, cfg: dict[str, Any]) -> Result:
-    from ..train import FlipCrop, TrainConfig, fit
+    from ..train import FlipCrop
 
     epochs = cfg["epochs"]
     sp_sched = sample_pairing_schedule(epochs)
@@ -262,24 +290,14 @@ def _run(ctx: StudyContext, cfg: dict[str, Any]) -> Result:
                 return {"clean_train_loss": float(torch.nn.functional.cross_entropy(logits, y_probe))}
 
             for method in METHODS:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    net = _make_net(setting, xtr.shape[1])
-                tc = TrainConfig(epochs=epochs, batch_size=cfg["batch_size"], optimizer="sgd", lr=cfg["lr"],
-                                 momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], schedule="cosine",
-                                 warmup_epochs=cfg["warmup_epochs"], seed=seed, device=ctx.device,
-                                 progress=False, log=False)
-                hist = fit(net, (xtr, ytr), tc, loss_fn=mixed_loss, batch_transform=_transform(method, epochs),
-                           augment=augment, eval_data=(xte_u8[curve_idx], yte_all[curve_idx]),
-                           metrics_fn=metrics_fn)
-                net = hist.model
-                ev = evaluate_classifier(net, x_final, y_final)
-                gap = linearity_gap(net, gap_a, gap_b, eps=gap_eps)
-                runs.append({"setting": name, "method": method, "seed": seed, "error": ev["error"], "ece": ev["ece"],
-                             "nll": ev["nll"], "gap": gap, "clean_train_loss": hist.last["clean_train_loss"],
-                             "time_s": sum(r["time"] for r in hist.records)})
-                curves[name][method].append([{k: r[k] for k in ("epoch", "clean_train_loss", "test_error")}
-                                             for r in hist.records])
+                job = functools.partial(_train_one, ctx, cfg, setting, name, method, seed, (xtr, ytr),
+                                        (xte_u8[curve_idx], yte_all[curve_idx]), (x_final, y_final),
+                                        (gap_a, gap_b, gap_eps), metrics_fn, augment)
+                key = {"setting": setting, "method": method, "seed": seed, "base_seed": ctx.seed, "source": source,
+                       "cfg": {k: v for k, v in cfg.items() if k != "settings"}}
+                done = ctx.cached_run(key, job)
+                runs.append(done["run"])
+                curves[name][method].append(done["curve"])
                 bar.update(1)
     bar.close()
 
