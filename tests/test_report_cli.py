@@ -114,3 +114,54 @@ def test_torch_threads_restores_the_count_even_on_error():
     assert torch.get_num_threads() == before
     with torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+def _square(x: int, calls: list[int]) -> dict:
+    calls.append(x)
+    return {"y": x * x, "list": [x, 0.5]}
+
+
+def test_cached_run_stores_reuses_and_separates_keys(tmp_path):
+    import functools
+
+    calls: list[int] = []
+    plain = StudyContext(mode="full")
+    assert plain.cached_run({"x": 3}, functools.partial(_square, 3, calls)) == {"y": 9, "list": [3, 0.5]}
+    assert plain.cached_run({"x": 3}, functools.partial(_square, 3, calls))["y"] == 9
+    assert calls == [3, 3]  # no runs_dir: nothing stored
+    ctx = StudyContext(mode="full", runs_dir=tmp_path)
+    first = ctx.cached_run({"x": 3}, functools.partial(_square, 3, calls))
+    again = ctx.cached_run({"x": 3}, functools.partial(_square, 3, calls))
+    assert first == again == {"y": 9, "list": [3, 0.5]} and calls == [3, 3, 3]
+    ctx.cached_run({"x": 4}, functools.partial(_square, 4, calls))  # another key runs
+    StudyContext(mode="quick", runs_dir=tmp_path).cached_run({"x": 3}, functools.partial(_square, 3, calls))
+    assert calls == [3, 3, 3, 4, 3]  # another mode runs too
+    files = sorted(tmp_path.rglob("*.json"))
+    assert len(files) == 3 and {f.parent.name for f in files} == {"test_report_cli"}
+    files[0].write_text("{not json")  # a damaged entry is recomputed, not trusted
+    n = len(calls)
+    for x, mode in ((3, "full"), (4, "full"), (3, "quick")):
+        StudyContext(mode=mode, runs_dir=tmp_path).cached_run({"x": x}, functools.partial(_square, x, calls))
+    assert len(calls) == n + 1
+
+
+def test_cli_full_mode_resumes_from_stored_runs(fake_studies, tmp_path, monkeypatch):
+    calls: list[int] = []
+
+    def counted(ctx: StudyContext) -> Result:
+        import functools
+
+        vals = [ctx.cached_run({"i": i}, functools.partial(_square, i, calls))["y"] for i in range(3)]
+        return Result("fake-runs", "runs", "a", "c", "holds", f"sum {sum(vals)}")
+
+    STUDIES["fake-runs"] = StudySpec("fake-runs", 0, "runs", counted, 1.0, "instant")
+    monkeypatch.setenv("KEXUE_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["reproduce", "fake-runs", "--full", "--out", str(tmp_path / "rep"), "--no-progress"]
+    assert cli.main(args) == 0 and calls == [0, 1, 2]
+    assert len(list((tmp_path / "cache" / "runs").rglob("*.json"))) == 3
+    assert cli.main(args) == 0 and calls == [0, 1, 2]  # all three reused
+    assert cli.main([*args, "--no-resume"]) == 0 and calls == [0, 1, 2] * 2
+    assert cli.main(["reproduce", "fake-runs", "--quick", "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
+    assert calls == [0, 1, 2] * 3  # quick mode stores nothing by default
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert res["results"][0]["verdict_detail"] == "sum 5"
