@@ -256,3 +256,10 @@ def test_fast_row_counts_match_sum():
         for x in views:
             assert torch.equal(_row_counts(x), x.sum(-1)), (shape, x.stride())
             assert torch.equal(_row_any(x), x.any(-1))
+    # the word-sum path: rows of 255 words (every byte lane at its 255 maximum when all True), a group plus a
+    # remainder, several groups, 8-aligned slices and broadcast (stride-0) dims
+    for n in (2040, 2048, 4104, 8 * 255 * 3 + 16):
+        dense = torch.ones(2, 1, 3, n, dtype=torch.bool)
+        rand = torch.rand(1, 2, 5, n, generator=g) > 0.3
+        for x in (dense, rand, rand[..., 8:], rand[..., 16:n - 8], rand[..., ::1].expand(3, 2, 5, n), ~dense):
+            assert torch.equal(_row_counts(x), x.sum(-1)), (n, x.shape, x.stride())

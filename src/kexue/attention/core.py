@@ -151,7 +151,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
                                  guard)
     if isinstance(scale, str) and scale == "entropy":
         assert counts is not None
-        mult, s = _entropy_multiplier(counts, float(min_n), float(base), q.dtype), 1.0 / math.sqrt(D)
+        mult, s = _entropy_multiplier(counts, Lk, float(min_n), float(base), q.dtype), 1.0 / math.sqrt(D)
     else:
         mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
     qs = q if mult is None else q * mult
@@ -182,13 +182,21 @@ def _clear_mask_stats_cache() -> None:
     _STATS.clear()
 
 
-def _entropy_multiplier(counts: Tensor, min_n: float, base: float, dtype: torch.dtype) -> Tensor:
-    """``log_base(max(n_i, min_n))`` as a ``[..., Q, 1]`` q multiplier, memoised with the cached mask stats."""
+@functools.lru_cache(maxsize=32)
+def _logn_lookup(k_len: int, min_n: float, base: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[K + 1]`` table of ``log_base(max(n, min_n))`` for ``n = 0..K`` (computed in float64, stored in dtype)."""
+    n = torch.arange(k_len + 1, dtype=torch.float64)
+    return (torch.log(n.clamp_min(min_n)) / math.log(base)).to(dtype=dtype, device=device)
+
+
+def _entropy_multiplier(counts: Tensor, k_len: int, min_n: float, base: float, dtype: torch.dtype) -> Tensor:
+    """``log_base(max(n_i, min_n))`` as a ``[..., Q, 1]`` q multiplier: one gather from a cached table of the
+    ``K + 1`` possible values (rather than five elementwise ops per call), memoised with the mask stats."""
     mults = _STATS.get("mults")
-    key = (min_n, base, dtype)
+    key = (k_len, min_n, base, dtype)
     if _STATS.get("counts") is counts and isinstance(mults, dict) and key in mults:
         return mults[key]
-    mult = (torch.log(counts.double().clamp_min(min_n)) / math.log(base)).to(dtype).unsqueeze(-1)
+    mult = _logn_lookup(k_len, min_n, base, dtype, counts.device)[counts].unsqueeze(-1)
     if _STATS.get("counts") is counts:
         if not isinstance(mults, dict):
             mults = _STATS["mults"] = {}
@@ -208,20 +216,20 @@ def _mask_stats(user_mask: object, attn_mask: Tensor, geometry: tuple, want_coun
         ref = _STATS.get("ref")
         if ref is not None and ref() is user_mask and _STATS.get("key") == key:
             counts, empty = _STATS["counts"], _STATS["empty"]
-            if (counts is not None or not want_counts) and ("empty" in _STATS):
+            if (counts is not None or not want_counts) and (_STATS.get("has_empty") or not want_empty):
                 return (counts if want_counts else None), (empty if want_empty else None)
     allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
     counts: Tensor | None = None
+    empty: Tensor | None = None
     if want_counts:
         counts = _row_counts(allowed)
-        empty_rows = counts == 0
-    else:
-        empty_rows = ~_row_any(allowed)
-    empty = empty_rows if bool(empty_rows.any()) else None
+    if want_empty:  # only where the kernel cannot take a row with no visible key (see _SAFE_EMPTY_ROWS)
+        empty_rows = counts == 0 if counts is not None else ~_row_any(allowed)
+        empty = empty_rows if bool(empty_rows.any()) else None
     if key is not None:
         _STATS.clear()
-        _STATS.update(ref=weakref.ref(user_mask), key=key, counts=counts, empty=empty)
-    return counts, (empty if want_empty else None)
+        _STATS.update(ref=weakref.ref(user_mask), key=key, counts=counts, empty=empty, has_empty=want_empty)
+    return counts, empty
 
 
 def _is_block_mask(mask: object) -> bool:

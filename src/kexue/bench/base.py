@@ -53,44 +53,62 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable[[], Any], *, device: str = "cpu", repeats: int = 7, warmup: int = 2,
-              min_time: float = 0.02) -> float:
-    """Median seconds per call of ``fn``; each sample loops until at least ``min_time`` has passed."""
+def _calibrate(fn: Callable[[], Any], device: str, warmup: int, min_time: float) -> int:
+    """Run ``fn`` ``warmup`` times, then find how many calls one timing sample needs to last ``min_time``."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    # calibrate how many calls one sample needs
     n = 1
     while True:
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
         _sync(device)
-        dt = time.perf_counter() - t0
-        if dt >= min_time or n >= 1 << 16:
-            break
+        if time.perf_counter() - t0 >= min_time or n >= 1 << 16:
+            return n
         n *= 2
-    samples = []
-    for _ in range(repeats):
-        gc.collect()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        _sync(device)
-        samples.append((time.perf_counter() - t0) / n)
-    return statistics.median(samples)
+
+
+def _sample(fn: Callable[[], Any], n: int, device: str) -> float:
+    """Seconds per call of ``fn`` over one sample of ``n`` calls."""
+    gc.collect()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def time_call(fn: Callable[[], Any], *, device: str = "cpu", repeats: int = 7, warmup: int = 2,
+              min_time: float = 0.02) -> float:
+    """Median seconds per call of ``fn``; each sample loops until at least ``min_time`` has passed."""
+    n = _calibrate(fn, device, warmup, min_time)
+    return statistics.median(_sample(fn, n, device) for _ in range(repeats))
 
 
 def compare(ours: Callable[[], Any], peer: Callable[[], Any] | None, *, device: str = "cpu",
-            repeats: int = 7, rounds: int = 3) -> tuple[float, float | None]:
-    """Time ``ours`` and ``peer`` interleaved over ``rounds`` rounds; return the best median of each."""
+            repeats: int = 7, rounds: int = 3, warmup: int = 2, min_time: float = 0.02) -> tuple[float, float | None]:
+    """Median seconds per call of ``ours`` and of ``peer``, timed in alternation.
+
+    ``repeats * rounds`` samples of each are taken sample by sample in ABBA order (ours, peer, peer, ours,
+    ...), so a machine that speeds up or slows down during the measurement (turbo, another process, thermal
+    limits) weighs on both alike; timing one function completely before the other turned such drifts into
+    ratio errors of 10-20 % on a shared 2-core machine.
+    """
+    if peer is None:
+        return time_call(ours, device=device, repeats=repeats * rounds, warmup=warmup, min_time=min_time), None
+    n_o = _calibrate(ours, device, warmup, min_time)
+    n_p = _calibrate(peer, device, warmup, min_time)
     t_ours: list[float] = []
     t_peer: list[float] = []
-    for _ in range(rounds):
-        t_ours.append(time_call(ours, device=device, repeats=repeats))
-        if peer is not None:
-            t_peer.append(time_call(peer, device=device, repeats=repeats))
-    return min(t_ours), (min(t_peer) if t_peer else None)
+    for i in range(repeats * rounds):
+        if i % 2 == 0:
+            t_ours.append(_sample(ours, n_o, device))
+            t_peer.append(_sample(peer, n_p, device))
+        else:
+            t_peer.append(_sample(peer, n_p, device))
+            t_ours.append(_sample(ours, n_o, device))
+    return statistics.median(t_ours), statistics.median(t_peer)
 
 
 def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
