@@ -1,5 +1,7 @@
 """The entropy study's verdict rule, checked on the article's own table and on cases that must fail."""
 
+import json
+
 import pytest
 
 from kexue.studies.entropy import LENGTHS, claim_check
@@ -54,3 +56,22 @@ def test_seeds_verdict_needs_the_gain_beyond_the_seed_spread():
     assert agg["check"]["verdict"] == "partly holds" and [r["seed"] for r in agg["seeds"]] == [0, 1]
     with pytest.raises(ValueError, match="o_runs"):
         claim_check_seeds([], [])
+
+
+def test_variants_study_end_to_end_on_a_tiny_model(data_dir, tmp_path, monkeypatch):
+    import kexue.studies.entropy as E
+    from kexue.studies import StudyContext, run_study
+
+    tiny = dict(E.VARIANTS_QUICK, dim=16, depth=1, heads=1, steps=3, batch_size=2, eval_tokens=128,
+                min_windows=1, entropy_windows=1, seeds=2)
+    monkeypatch.setattr(E, "VARIANTS_QUICK", tiny)
+    ctx = StudyContext(mode="quick", data_dir=str(data_dir), progress=False, fig_dir=tmp_path, runs_dir=tmp_path)
+    r = run_study("entropy-variants", ctx)
+    gap, acc = r.tables
+    assert [row[0] for row in gap.rows] == list(E.VARIANTS)
+    assert len(acc.rows) == 2 * len(E.VARIANTS) and all("±" in str(c) for c in gap.rows[0][1:6])
+    assert r.verdict in ("holds", "partly holds", "does not hold")
+    assert len(list(tmp_path.rglob("*.json"))) == 2 * len(E.VARIANTS)  # one stored run per variant and seed
+    # each variant ran with its own configuration (stored with its run)
+    stored = [json.loads(p.read_text())["blob"] for p in tmp_path.rglob("*.json")]
+    assert any('"mask_prob": 0.3' in b for b in stored) and any('"rope_base": 1000.0' in b for b in stored)
