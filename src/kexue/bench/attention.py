@@ -143,6 +143,9 @@ def _rows_for_length(L: int, opts: BenchOptions) -> list[BenchRow]:
     rows.append(BenchRow(f"unilm mask L={L} fwd", "attention(standard)", "SDPA bool mask (1/sqrt d)",
                          t_ours, t_peer, TARGET, {"note": "wrapper overhead only (checks)"}))
 
+    # ---- what a user pays: a whole model forward, new UniLM mask every call, entropy vs standard scale
+    rows.append(_model_row(L, seg, opts, tk))
+
     # ---- forward + backward (training) at the smaller sizes (only the smallest with --quick)
     if L <= (512 if opts.quick else 2048):
         qg, kg, vg = _qkv(L, dev, grad=True)
@@ -164,6 +167,29 @@ def _rows_for_length(L: int, opts: BenchOptions) -> list[BenchRow]:
     if L <= (512 if opts.quick else 2048):
         rows.extend(_flex_rows(L, q, k, v, seg, umask, opts, tk))
     return rows
+
+
+def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict) -> BenchRow:
+    """A 4-layer Transformer (dim 128, 2 heads) forward on a fresh UniLM mask per call, Attention-E vs -O: the
+    row counts are taken once per forward (the first layer) and reused by the other layers."""
+    from kexue.nn import Transformer
+
+    dev = opts.device
+    models = {}
+    for scale in ("entropy", "standard"):
+        torch.manual_seed(0)
+        models[scale] = Transformer(256, dim=128, depth=4, heads=2, attention_scale=scale).to(dev).eval()
+    ids = torch.randint(0, 256, (1, L), generator=torch.Generator().manual_seed(1)).to(dev)
+
+    def fwd(scale: str) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            with torch.no_grad():
+                return models[scale](ids, mask=unilm_mask(seg)).logits
+        return call
+
+    t_ours, t_peer = compare(fwd("entropy"), fwd("standard"), device=dev, **tk)
+    return BenchRow(f"unilm model L={L} fwd", "Transformer(scale='entropy')", "same, scale='standard'", t_ours,
+                    t_peer, TARGET, {"note": "4 layers, dim 128, 2 heads; unilm_mask built anew in every call"})
 
 
 def _flex_rows(L: int, q, k, v, seg, umask, opts: BenchOptions, tk: dict) -> list[BenchRow]:
