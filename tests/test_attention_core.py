@@ -246,6 +246,42 @@ def test_mask_statistics_cache_follows_in_place_changes():
                                attention_reference(q, k, v, m, scale="entropy", min_n=1, is_causal=True))
 
 
+def test_cached_additive_mask_matches_the_bool_mask_and_follows_changes():
+    import torch.nn.functional as F
+
+    from kexue.attention import core
+
+    core._clear_mask_stats_cache()
+    g = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(2, 2, 9, 4, generator=g) for _ in range(3))
+    m = torch.rand(2, 1, 9, 9, generator=g) > 0.4
+    m[0, 0, 3] = False                                           # a fully masked row
+    for scale in ("standard", "entropy"):
+        core._clear_mask_stats_cache()
+        first = attention(q, k, v, m, scale=scale)              # first sight: SDPA converts the bool mask
+        assert "mask" not in core._ADDITIVE
+        again = attention(q, k, v, m, scale=scale)               # second: converted once and kept
+        assert core._ADDITIVE["mask"].dtype == torch.float32
+        assert torch.equal(first, attention(q, k, v, m, scale=scale))  # third: served from the cache
+        assert torch.equal(first, again)
+        if scale == "standard":                                  # same numbers as SDPA's own conversion
+            assert torch.equal(first, F.scaled_dot_product_attention(q, k, v, attn_mask=m))
+        torch.testing.assert_close(first, attention_reference(q, k, v, m, scale=scale))
+    m[1, 0, :, 2] = False                                        # in place: the cached float mask is stale
+    torch.testing.assert_close(attention(q, k, v, m), attention_reference(q, k, v, m))
+    qd, kd, vd = q.double(), k.double(), v.double()              # another dtype: a new float mask
+    torch.testing.assert_close(attention(qd, kd, vd, m), attention_reference(qd, kd, vd, m))
+    torch.testing.assert_close(attention(qd, kd, vd, m), attention_reference(qd, kd, vd, m))
+    assert core._ADDITIVE["mask"].dtype == torch.float64
+    torch.testing.assert_close(attention(q, k, v, m, is_causal=True), attention_reference(q, k, v, m, is_causal=True))
+    big = torch.ones(1, 1, 2049, 2049, dtype=torch.bool)         # above the size kept: passed through as bool
+    core._clear_mask_stats_cache()
+    qb = torch.randn(1, 1, 2049, 4, generator=g)
+    for _ in range(2):
+        torch.testing.assert_close(attention(qb, qb, qb, big), F.scaled_dot_product_attention(qb, qb, qb))
+    assert not core._ADDITIVE
+
+
 def test_fast_row_counts_match_sum():
     from kexue.attention.masks import _row_any, _row_counts
 

@@ -160,10 +160,40 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
             attn_mask = attn_mask | empty.unsqueeze(-1)
         else:
             attn_mask = attn_mask.masked_fill(empty.unsqueeze(-1), 0.0)
+    if attn_mask.dtype == torch.bool and isinstance(mask, Tensor):
+        attn_mask = _additive_mask(mask, attn_mask, (B, H, Lq, Lk, is_causal, guard), q.dtype)
     out = F.scaled_dot_product_attention(qs, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=s)
     if empty is not None:
         out = out.masked_fill(empty.unsqueeze(-1), 0.0)
     return out
+
+
+# SDPA turns a bool mask into an additive float mask (0 / -inf) on every call. For a bool mask tensor passed
+# again and again (every layer of a Transformer gets the same one) we keep that float mask from the previous
+# call, so the conversion runs once per forward instead of once per layer. One entry, keyed like the stats
+# cache (object, version counter, storage, geometry, dtype); masks above _ADDITIVE_MAX_ELEMENTS are not kept
+# (the cached copy is 4x the bool mask in fp32) and go to SDPA as they are.
+_ADDITIVE: dict[str, object] = {}
+_ADDITIVE_MAX_ELEMENTS = 1 << 22  # 16 MB in fp32: L = 2048 with one mask per batch
+
+
+def _additive_mask(user_mask: Tensor, allowed: Tensor, geometry: tuple, dtype: torch.dtype) -> Tensor:
+    """``allowed`` the first time ``user_mask`` is seen; from the second call with the same unchanged tensor on,
+    its additive (0 / -inf) ``dtype`` version, converted once and kept. Too large masks stay bool."""
+    if allowed.numel() > _ADDITIVE_MAX_ELEMENTS:
+        return allowed
+    key = (user_mask._version, user_mask.data_ptr(), tuple(user_mask.shape), tuple(user_mask.stride()),
+           user_mask.dtype, str(user_mask.device), geometry, dtype)
+    ref = _ADDITIVE.get("ref")
+    if ref is None or ref() is not user_mask or _ADDITIVE.get("key") != key:
+        # first sight: let SDPA convert as usual (a mask used once costs nothing extra), remember the mask
+        _ADDITIVE.clear()
+        _ADDITIVE.update(ref=weakref.ref(user_mask), key=key)
+        return allowed
+    if "mask" not in _ADDITIVE:  # second sight: convert once, keep it for the calls that follow
+        _ADDITIVE["mask"] = torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device),
+                                        torch.full((), float("-inf"), dtype=dtype, device=allowed.device))
+    return _ADDITIVE["mask"]  # type: ignore[return-value]
 
 
 # Devices whose SDPA kernels already return 0 (and zero gradients) for a query row with no visible key; the
@@ -178,8 +208,9 @@ _STATS: dict[str, object] = {}
 
 
 def _clear_mask_stats_cache() -> None:
-    """Forget the cached mask statistics (benchmarks use it to time the uncached path)."""
+    """Forget the cached mask statistics and additive masks (benchmarks use it to time the uncached path)."""
     _STATS.clear()
+    _ADDITIVE.clear()
 
 
 @functools.lru_cache(maxsize=32)
