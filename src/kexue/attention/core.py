@@ -99,6 +99,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     ``BlockMask`` from :func:`~kexue.attention.masks.to_block_mask` (runs ``flex_attention``: eager and
     forward-only on CPU, fused under ``torch.compile`` on GPU; per-row counts for ``"entropy"`` are read by
     evaluating its predicate in row chunks), or ``None``. Fully masked rows output 0.
+    A bool mask tensor passed in two consecutive calls (as a model passes one mask to every layer) is
+    converted to its additive float form on the second call and kept for the calls that follow (one mask,
+    at most 4M elements, i.e. 16 MB in fp32; it is dropped when another mask comes or the tensor is
+    changed in place), saving the conversion SDPA would repeat on every call.
     ``dropout_p`` is applied as given (pass 0 in eval). With a ``generator`` the dropout is drawn from it and
     the computation falls back to :func:`attention_reference` (the fused kernel draws from the global RNG).
 
