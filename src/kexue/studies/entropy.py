@@ -154,6 +154,16 @@ def _pm(vals: list[float], sds: list[float] | None, nseeds: int) -> list[Any]:
     return list(vals)
 
 
+def _length_axes(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-2 length axis with a tick at every test length, labels, title and legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def _figures(ctx: StudyContext, results: dict[str, dict[str, Any]]) -> None:
     import matplotlib
 
@@ -166,13 +176,8 @@ def _figures(ctx: StudyContext, results: dict[str, dict[str, Any]]) -> None:
             ax.errorbar(LENGTHS, r[scale]["acc"], yerr=r[scale].get("acc_sd"), fmt="o-", color=color, capsize=3,
                         label=f"{NAMES[scale]} (ours, mean ± sd over {len(r.get('seeds', [0]))} seed(s))")
             ax.plot(LENGTHS, ARTICLE[scale], "x--", color=color, alpha=0.5, label=f"{NAMES[scale]} (article)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
         ax.axvline(64, color="gray", lw=0.8, ls=":")
-        ax.set_xlabel("test length n (trained at 64)")
-        ax.set_ylabel("MLM accuracy (%)")
-        ax.set_title(corpus)
-        ax.legend(fontsize=7)
+        _length_axes(ax, "test length n (trained at 64)", "MLM accuracy (%)", corpus)
     ctx.save_figure(fig, "entropy_accuracy_vs_length",
                     "MLM accuracy on held-out text vs test length; models trained at n=64. Dashed: the "
                     "article's RoFormer-small numbers.")
@@ -182,12 +187,7 @@ def _figures(ctx: StudyContext, results: dict[str, dict[str, Any]]) -> None:
             ax.plot(LENGTHS, r[scale]["entropy"], "o-", color=color, label=NAMES[scale])
         ax.plot(LENGTHS, [float(torch.log(torch.tensor(float(n)))) for n in LENGTHS], ":", color="gray",
                 label="log n (uniform)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
-        ax.set_xlabel("sequence length n")
-        ax.set_ylabel("mean attention entropy (nats)")
-        ax.set_title(corpus)
-        ax.legend(fontsize=7)
+        _length_axes(ax, "sequence length n", "mean attention entropy (nats)", corpus)
     ctx.save_figure(fig, "entropy_attention_entropy_vs_length",
                     "Mean attention entropy (over layers, heads and rows) of the trained models on held-out "
                     "text; an entropy-invariant scale keeps it flatter as n grows.")
