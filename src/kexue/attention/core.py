@@ -181,13 +181,19 @@ _ADDITIVE: dict[str, object] = {}
 _ADDITIVE_MAX_ELEMENTS = 1 << 22  # 16 MB in fp32: L = 2048 with one mask per batch
 
 
+def _mask_identity(user_mask: Tensor, extra: object) -> tuple:
+    """What makes a cached result for ``user_mask`` still valid: its version counter (bumped by any in-place
+    change), storage, layout, dtype and device, plus the call's ``extra`` (geometry, dtype)."""
+    return (user_mask._version, user_mask.data_ptr(), tuple(user_mask.shape), tuple(user_mask.stride()),
+            user_mask.dtype, str(user_mask.device), extra)
+
+
 def _additive_mask(user_mask: Tensor, allowed: Tensor, geometry: tuple, dtype: torch.dtype) -> Tensor:
     """``allowed`` the first time ``user_mask`` is seen; from the second call with the same unchanged tensor on,
     its additive (0 / -inf) ``dtype`` version, converted once and kept. Too large masks stay bool."""
     if allowed.numel() > _ADDITIVE_MAX_ELEMENTS:
         return allowed
-    key = (user_mask._version, user_mask.data_ptr(), tuple(user_mask.shape), tuple(user_mask.stride()),
-           user_mask.dtype, str(user_mask.device), geometry, dtype)
+    key = _mask_identity(user_mask, (geometry, dtype))
     ref = _ADDITIVE.get("ref")
     if ref is None or ref() is not user_mask or _ADDITIVE.get("key") != key:
         # first sight: let SDPA convert as usual (a mask used once costs nothing extra), remember the mask
@@ -246,8 +252,7 @@ def _mask_stats(user_mask: object, attn_mask: Tensor, geometry: tuple, want_coun
         return None, None
     key = None
     if isinstance(user_mask, Tensor):
-        key = (user_mask._version, user_mask.data_ptr(), tuple(user_mask.shape), tuple(user_mask.stride()),
-               user_mask.dtype, geometry)
+        key = _mask_identity(user_mask, geometry)
         ref = _STATS.get("ref")
         if ref is not None and ref() is user_mask and _STATS.get("key") == key:
             counts, empty = _STATS["counts"], _STATS["empty"]

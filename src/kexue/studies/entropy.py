@@ -141,6 +141,15 @@ def run_corpus(ctx: StudyContext, corpus: str, cfg: dict[str, Any], seed: int | 
     return out
 
 
+def run_seeds(ctx: StudyContext, corpus: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run_corpus` for seeds ``ctx.seed .. ctx.seed + cfg["seeds"] - 1`` (each stored and reused via
+    ``ctx.cached_run``), aggregated over the seeds."""
+    runs = [ctx.cached_run({"corpus": corpus, "seed": ctx.seed + s, "cfg": cfg},
+                           functools.partial(run_corpus, ctx, corpus, cfg, ctx.seed + s))
+            for s in range(cfg["seeds"])]
+    return aggregate(runs)
+
+
 def _se(r: dict[str, Any], i: int) -> float:
     """Binomial standard error (points) of Attention-O's accuracy at ``LENGTHS[i]``."""
     p, n = r["standard"]["acc"][i] / 100.0, r["standard"].get("masked", [0] * len(LENGTHS))[i]
@@ -201,14 +210,7 @@ def _figures(ctx: StudyContext, results: dict[str, dict[str, Any]]) -> None:
                 datasets=("tinyshakespeare", "chinese_novels"))
 def run(ctx: StudyContext) -> Result:
     cfg = dict(QUICK if ctx.quick else FULL)
-    results = {}
-    for corpus in cfg["corpora"]:
-        runs = []
-        for s in range(cfg["seeds"]):
-            seed = ctx.seed + s
-            key = {"corpus": corpus, "seed": seed, "cfg": cfg}
-            runs.append(ctx.cached_run(key, functools.partial(run_corpus, ctx, corpus, cfg, seed)))
-        results[corpus] = aggregate(runs)
+    results = {corpus: run_seeds(ctx, corpus, cfg) for corpus in cfg["corpora"]}
     return assemble(ctx, cfg, results)
 
 
@@ -293,13 +295,7 @@ def run_variants(ctx: StudyContext) -> Result:
     base = dict(VARIANTS_QUICK if ctx.quick else VARIANTS_FULL)
     results: dict[str, dict[str, Any]] = {}
     for name, override in VARIANTS.items():
-        cfg = {**base, **override}
-        runs = []
-        for s in range(cfg["seeds"]):
-            seed = ctx.seed + s
-            key = {"corpus": "tinyshakespeare", "seed": seed, "cfg": cfg}
-            runs.append(ctx.cached_run(key, functools.partial(run_corpus, ctx, "tinyshakespeare", cfg, seed)))
-        results[name] = aggregate(runs)
+        results[name] = run_seeds(ctx, "tinyshakespeare", {**base, **override})
     nseeds = base["seeds"]
     rows = []
     for name, r in results.items():
