@@ -223,10 +223,35 @@ def test_empty_row_guard_path(monkeypatch, scale):
     q, k, v = (torch.randn(2, 2, 6, 4, generator=g, dtype=torch.float64) for _ in range(3))
     m = unilm_mask(torch.tensor([[0, 0, 0, 1, 1, 1]] * 2), torch.tensor([[1, 1, 0, 1, 1, 0], [0] * 6]))
     for mask in (m, torch.zeros(2, 1, 6, 6, dtype=torch.float64).masked_fill(~m, float("-inf"))):
-        got = _run(attention, q, k, v, mask=mask, scale=scale, is_causal=True)
-        want = _run(attention_reference, q, k, v, mask=mask, scale=scale, is_causal=True)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        for is_causal in (False, True):
+            for _ in range(2):                  # first sight, then served from the kept entry
+                got = _run(attention, q, k, v, mask=mask, scale=scale, is_causal=is_causal)
+                want = _run(attention_reference, q, k, v, mask=mask, scale=scale, is_causal=is_causal)
+                for a, b in zip(got, want):
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_kept_mask_entry_serves_a_change_of_scale_and_dtype():
+    """One mask object used with the standard scale first (no counts kept), then with the entropy scale, then
+    in another dtype: each call must agree with the reference, on both empty-row paths."""
+    import kexue.attention.core as core
+
+    g = torch.Generator().manual_seed(15)
+    m = unilm_mask(torch.tensor([[0, 0, 1, 1, 1]] * 2), torch.tensor([[1, 1, 1, 1, 0], [0] * 5]))
+    plain = m.clone()                                             # no builder counts: read from the mask
+    q, k, v = (torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    for safe in (frozenset({"cpu"}), frozenset()):
+        core._SAFE_EMPTY_ROWS, saved = safe, core._SAFE_EMPTY_ROWS
+        try:
+            for mask in (m, plain):
+                core._clear_mask_stats_cache()
+                for scale, dt in [("standard", torch.float64), ("entropy", torch.float64),
+                                  ("entropy", torch.float32), ("standard", torch.float32)]:
+                    args = [t.to(dt) for t in (q, k, v)]
+                    torch.testing.assert_close(attention(*args, mask=mask, scale=scale, min_n=1),
+                                               attention_reference(*args, mask=mask, scale=scale, min_n=1))
+        finally:
+            core._SAFE_EMPTY_ROWS = saved
 
 
 def test_mask_statistics_cache_follows_in_place_changes():
@@ -259,10 +284,13 @@ def test_cached_additive_mask_matches_the_bool_mask_and_follows_changes():
     for scale in ("standard", "entropy"):
         core._clear_mask_stats_cache()
         first = attention(q, k, v, m, scale=scale)              # first sight: SDPA converts the bool mask
-        assert "mask" not in core._ADDITIVE
+        assert torch.float32 not in core._MASK["ready"]
         again = attention(q, k, v, m, scale=scale)               # second: converted once and kept
-        assert core._ADDITIVE["mask"].dtype == torch.float32
+        kept = core._MASK["ready"][torch.float32]
+        assert kept.dtype == torch.float32
+        assert torch.equal(kept, torch.zeros(()).masked_fill(~m, float("-inf")).expand_as(kept))
         assert torch.equal(first, attention(q, k, v, m, scale=scale))  # third: served from the cache
+        assert core._MASK["ready"][torch.float32] is kept
         assert torch.equal(first, again)
         if scale == "standard":                                  # same numbers as SDPA's own conversion
             assert torch.equal(first, F.scaled_dot_product_attention(q, k, v, attn_mask=m))
@@ -272,14 +300,14 @@ def test_cached_additive_mask_matches_the_bool_mask_and_follows_changes():
     qd, kd, vd = q.double(), k.double(), v.double()              # another dtype: a new float mask
     torch.testing.assert_close(attention(qd, kd, vd, m), attention_reference(qd, kd, vd, m))
     torch.testing.assert_close(attention(qd, kd, vd, m), attention_reference(qd, kd, vd, m))
-    assert core._ADDITIVE["mask"].dtype == torch.float64
+    assert core._MASK["ready"][torch.float64].dtype == torch.float64
     torch.testing.assert_close(attention(q, k, v, m, is_causal=True), attention_reference(q, k, v, m, is_causal=True))
     big = torch.ones(1, 1, 2049, 2049, dtype=torch.bool)         # above the size kept: passed through as bool
     core._clear_mask_stats_cache()
     qb = torch.randn(1, 1, 2049, 4, generator=g)
     for _ in range(2):
         torch.testing.assert_close(attention(qb, qb, qb, big), F.scaled_dot_product_attention(qb, qb, qb))
-    assert not core._ADDITIVE
+    assert core._MASK["ready"][torch.float32].dtype == torch.bool   # kept as the user's own bool tensor
 
 
 def test_fast_row_counts_match_sum():

@@ -381,3 +381,85 @@ def test_all_rows_brute_force_small_exhaustive():
         c = s[0].cumsum(0)
         want = _brute(4, 4, lambda i, j, c=c: c[j] <= c[i])
         assert torch.equal(unilm_mask(s)[0, 0], want)
+
+
+# ------------------------------------------------------------------------- counts attached by the builders
+def _builder_masks():
+    """Masks from every builder that attaches per-row key counts, with the off-by-one cases of the file."""
+    g = torch.Generator().manual_seed(5)
+    out = [causal_mask(q, k) for q, k in [(0, 0), (0, 3), (1, 1), (3, 7), (6, 6)]]
+    out += [padding_mask(torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]]))]
+    for L in (1, 2, 5):
+        cases = _cases(L)
+        s = torch.tensor([c[0] for c in cases])
+        out += [unilm_mask(s), unilm_mask(s, torch.tensor([c[1] for c in cases]))]
+    bits = torch.tensor(list(itertools.product([0, 1], repeat=4)))      # also non-suffix segment patterns
+    out += [unilm_mask(bits), unilm_mask(bits, bits.flip(0))]
+    out += [prefix_lm_mask(p, 5) for p in (0, 2, 5)] + [prefix_lm_mask(torch.tensor([0, 3, 5]), 5)]
+    out += [permutation_mask(torch.randperm(7, generator=g)),
+            permutation_mask(torch.stack([torch.randperm(7, generator=g) for _ in range(3)]))]
+    return out
+
+
+def test_builders_attach_counts_equal_to_the_row_sums():
+    from kexue.attention.masks import _attached_counts
+
+    for m in _builder_masks():
+        counts = _attached_counts(m)
+        assert counts is not None, tuple(m.shape)
+        assert counts.dtype == torch.int64 and torch.equal(counts, m.sum(-1)), tuple(m.shape)
+
+
+def test_attached_counts_are_dropped_when_the_mask_changes_or_is_copied():
+    import copy
+    import io
+
+    from kexue.attention import keys_per_row
+    from kexue.attention.masks import _attached_counts
+
+    m = unilm_mask(torch.tensor([[0, 0, 1, 1, 1]]))
+    assert _attached_counts(m) is not None
+    view = m[0, 0]
+    view[4, 0] = False                                  # in place through a view: the version counter moves
+    assert _attached_counts(m) is None
+    assert torch.equal(keys_per_row(m, 5, 5), m.sum(-1))
+    m2 = causal_mask(4)
+    m2.fill_(True)
+    assert _attached_counts(m2) is None and keys_per_row(m2, 4, 4).tolist() == [4, 4, 4, 4]
+    m3 = causal_mask(4)
+    m3.detach()[0, 1] = True                            # detach() shares the version counter
+    assert _attached_counts(m3) is None
+    for copied in (m3.clone(), copy.deepcopy(m3)):      # a copy of a changed mask never inherits stale counts
+        assert _attached_counts(copied) is None
+        assert keys_per_row(copied, 4, 4).tolist() == [2, 2, 3, 4]
+    buf = io.BytesIO()
+    torch.save(m3, buf)
+    buf.seek(0)
+    assert _attached_counts(torch.load(buf)) is None
+    # derived tensors (views, AND with another mask, the same values elsewhere) never carry counts
+    m4 = unilm_mask(torch.tensor([[0, 1, 1]]))
+    assert _attached_counts(m4[0]) is None and _attached_counts(m4 & m4) is None
+
+
+def test_attention_with_builder_counts_equals_counting_the_mask():
+    from kexue.attention import attention, attention_reference
+    from kexue.attention.core import _clear_mask_stats_cache
+
+    g = torch.Generator().manual_seed(9)
+    for m in _builder_masks():
+        if m.numel() == 0:
+            continue
+        L_q, L_k = m.shape[-2:]
+        B = m.shape[0] if m.dim() == 4 else 1
+        q = torch.randn(B, 2, L_q, 4, generator=g, dtype=torch.float64)
+        k, v = (torch.randn(B, 2, L_k, 4, generator=g, dtype=torch.float64) for _ in range(2))
+        for is_causal in (False, True):
+            if is_causal and L_q != L_k:
+                continue
+            _clear_mask_stats_cache()
+            got = attention(q, k, v, m, scale="entropy", min_n=1, is_causal=is_causal)
+            _clear_mask_stats_cache()
+            plain = attention(q, k, v, m.clone(), scale="entropy", min_n=1, is_causal=is_causal)
+            torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got, attention_reference(q, k, v, m, scale="entropy", min_n=1,
+                                                                is_causal=is_causal))

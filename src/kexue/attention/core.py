@@ -30,33 +30,59 @@ from torch import Tensor
 
 from kexue._checks import check_tensor, compute_dtype
 
-from .masks import MaskMod, _as_allowed, _mask4, _row_any, _row_counts, causal, render_mask
+from .masks import (
+    MaskMod,
+    _as_allowed,
+    _attached_counts,
+    _mask4,
+    _row_any,
+    _row_counts,
+    _tensor_identity,
+    causal,
+    render_mask,
+)
 from .scaling import ScaleArg, _check_base, _check_min_n, _row_multiplier
 
 __all__ = ["attention", "attention_reference"]
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
-    check_tensor("q", q, floating=True, dim=4)
-    check_tensor("k", k, floating=True, dim=4)
-    check_tensor("v", v, floating=True, dim=4)
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+            and q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.is_floating_point()):
+        # the slow path only to name what is wrong (the common call pays three isinstance checks)
+        check_tensor("q", q, floating=True, dim=4)
+        check_tensor("k", k, floating=True, dim=4)
+        check_tensor("v", v, floating=True, dim=4)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, Lq, D = q.shape
-    if k.shape[:2] != (B, H) or k.shape[3] != D:
+    Bk, Hk, Lk, Dk = k.shape
+    if Bk != B or Hk != H or Dk != D:
         raise ValueError(f"k must have shape [B, H, K, D] = [{B}, {H}, K, {D}], got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must have shape [B, H, K, Dv] = [{B}, {H}, {k.shape[2]}, Dv], got {tuple(v.shape)}")
+    Bv, Hv, Lv, _ = v.shape
+    if Bv != B or Hv != H or Lv != Lk:
+        raise ValueError(f"v must have shape [B, H, K, Dv] = [{B}, {H}, {Lk}, Dv], got {tuple(v.shape)}")
     if D == 0:
         raise ValueError("q must have head_dim > 0")
-    return B, H, Lq, k.shape[2], D
+    return B, H, Lq, Lk, D
 
 
-def _check_common(scale: ScaleArg, min_n: float, base: float, dropout_p: float) -> None:
+@functools.lru_cache(maxsize=256, typed=True)  # typed: False and 0 stay distinct
+def _check_numbers(min_n: float, base: float, dropout_p: float) -> None:
+    """The numeric arguments, checked once per distinct combination (calls repeat the same few)."""
     _check_min_n(min_n)
     _check_base(base)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+
+def _check_common(scale: ScaleArg, min_n: float, base: float, dropout_p: float) -> None:
+    try:
+        _check_numbers(min_n, base, dropout_p)
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+        _check_numbers.__wrapped__(min_n, base, dropout_p)   # an unhashable argument: checked uncached
     if isinstance(scale, str) and scale not in ("standard", "entropy"):
         raise ValueError(f"scale must be 'standard', 'entropy', a positive float, a tensor or a callable, "
                          f"got {scale!r}")
@@ -101,8 +127,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     evaluating its predicate in row chunks), or ``None``. Fully masked rows output 0.
     A bool mask tensor passed in two consecutive calls (as a model passes one mask to every layer) is
     converted to its additive float form on the second call and kept for the calls that follow (one mask,
-    at most 4M elements, i.e. 16 MB in fp32; it is dropped when another mask comes or the tensor is
-    changed in place), saving the conversion SDPA would repeat on every call.
+    at most 4M elements, i.e. 16 MB in fp32; dropped when another mask comes or the tensor is changed in
+    place), saving the conversion SDPA would repeat on every call. The per-row key counts of a mask built by
+    :func:`~kexue.attention.masks.unilm_mask`, ``causal_mask``, ``prefix_lm_mask``, ``permutation_mask`` or
+    ``padding_mask`` come attached to it (worked out from the segment ids / lengths / order, never read back
+    from the mask); any other mask is read once and its counts kept with it.
     ``dropout_p`` is applied as given (pass 0 in eval). With a ``generator`` the dropout is drawn from it and
     the computation falls back to :func:`attention_reference` (the fused kernel draws from the global RNG).
 
@@ -142,85 +171,124 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
         qs = q if mult is None else q * mult
         return F.scaled_dot_product_attention(qs, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=s)
 
-    m4 = _mask4(mask, B, H, Lq, Lk, q.device)
-    if is_causal:
-        tri = render_mask(causal(0), 1, 1, Lq, Lk, q.device)
-        attn_mask = m4 & tri if m4.dtype == torch.bool else m4.masked_fill(~tri, float("-inf"))
-    else:
-        attn_mask = m4
-    if attn_mask.is_floating_point():
-        attn_mask = attn_mask.to(q.dtype)
-    guard = q.device.type not in _SAFE_EMPTY_ROWS
-    counts, empty = _mask_stats(mask, attn_mask, (B, H, Lq, Lk, is_causal, str(q.device)), counts_needed,
-                                 guard)
+    dev = q.device
+    m4 = _mask4(mask, B, H, Lq, Lk, dev)
+    guard = dev.type not in _SAFE_EMPTY_ROWS
+    attn_mask, counts, empty = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed, guard)
     if isinstance(scale, str) and scale == "entropy":
         assert counts is not None
         mult, s = _entropy_multiplier(counts, Lk, float(min_n), float(base), q.dtype), 1.0 / math.sqrt(D)
     else:
-        mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
+        mult, s = _row_multiplier(scale, None if counts is None else counts[..., 0], D, min_n, base, q)
     qs = q if mult is None else q * mult
-    if empty is not None:
-        if attn_mask.dtype == torch.bool:
-            attn_mask = attn_mask | empty.unsqueeze(-1)
-        else:
-            attn_mask = attn_mask.masked_fill(empty.unsqueeze(-1), 0.0)
-    if attn_mask.dtype == torch.bool and isinstance(mask, Tensor):
-        attn_mask = _additive_mask(mask, attn_mask, (B, H, Lq, Lk, is_causal, guard), q.dtype)
     out = F.scaled_dot_product_attention(qs, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=s)
     if empty is not None:
-        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+        out = out.masked_fill(empty, 0.0)
     return out
 
 
-# SDPA turns a bool mask into an additive float mask (0 / -inf) on every call. For a bool mask tensor passed
-# again and again (every layer of a Transformer gets the same one) we keep that float mask from the previous
-# call, so the conversion runs once per forward instead of once per layer. One entry, keyed like the stats
-# cache (object, version counter, storage, geometry, dtype); masks above _ADDITIVE_MAX_ELEMENTS are not kept
-# (the cached copy is 4x the bool mask in fp32) and go to SDPA as they are.
-_ADDITIVE: dict[str, object] = {}
+# What a mask costs beyond SDPA's own work, and how it is kept down:
+# * SDPA turns a bool mask into an additive float mask (0 / -inf) on every call. When the same bool mask
+#   tensor comes a second time we convert it here once and keep the float mask for the calls that follow, so
+#   a Transformer (one mask for every layer) converts once per forward instead of once per layer. The first
+#   call leaves the conversion to SDPA: converting and keeping a mask that is never seen again measured
+#   slower (~4 % at L = 512) than SDPA's own short-lived conversion. Masks above _ADDITIVE_MAX_ELEMENTS go to
+#   SDPA as they are: a kept copy would be 4x the bool mask in fp32.
+# * the per-row key counts for scale="entropy" come from the mask's builder when it attached them (O(B L),
+#   kexue.attention.masks._attach_counts), else from one read of the mask (_row_counts); either way they
+#   are kept with the mask, as is the log n multiplier made from them.
+# Everything is kept in ONE entry (the last mask seen), keyed on the tensor object (weak reference), its
+# identity (storage, version counter bumped by any in-place change, layout; masks._tensor_identity) and the
+# call's geometry. The previous entry is dropped before anything is computed for a new mask, so at most one
+# kept float mask is alive (holding two made the allocator hand out fresh, page-faulting memory per call).
+_MASK: dict[str, object] = {}
 _ADDITIVE_MAX_ELEMENTS = 1 << 22  # 16 MB in fp32: L = 2048 with one mask per batch
-
-
-def _mask_identity(user_mask: Tensor, extra: object) -> tuple:
-    """What makes a cached result for ``user_mask`` still valid: its version counter (bumped by any in-place
-    change), storage, layout, dtype and device, plus the call's ``extra`` (geometry, dtype)."""
-    return (user_mask._version, user_mask.data_ptr(), tuple(user_mask.shape), tuple(user_mask.stride()),
-            user_mask.dtype, str(user_mask.device), extra)
-
-
-def _additive_mask(user_mask: Tensor, allowed: Tensor, geometry: tuple, dtype: torch.dtype) -> Tensor:
-    """``allowed`` the first time ``user_mask`` is seen; from the second call with the same unchanged tensor on,
-    its additive (0 / -inf) ``dtype`` version, converted once and kept. Too large masks stay bool."""
-    if allowed.numel() > _ADDITIVE_MAX_ELEMENTS:
-        return allowed
-    key = _mask_identity(user_mask, (geometry, dtype))
-    ref = _ADDITIVE.get("ref")
-    if ref is None or ref() is not user_mask or _ADDITIVE.get("key") != key:
-        # first sight: let SDPA convert as usual (a mask used once costs nothing extra), remember the mask
-        _ADDITIVE.clear()
-        _ADDITIVE.update(ref=weakref.ref(user_mask), key=key)
-        return allowed
-    if "mask" not in _ADDITIVE:  # second sight: convert once, keep it for the calls that follow
-        _ADDITIVE["mask"] = torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device),
-                                        torch.full((), float("-inf"), dtype=dtype, device=allowed.device))
-    return _ADDITIVE["mask"]  # type: ignore[return-value]
-
 
 # Devices whose SDPA kernels already return 0 (and zero gradients) for a query row with no visible key; the
 # tests hold torch to this (fully masked rows vs the reference, fp64/fp32/bf16, bool and additive masks).
 # Elsewhere such rows are un-masked for the kernel and their output zeroed afterwards.
 _SAFE_EMPTY_ROWS = frozenset({"cpu"})
 
-# One-entry cache of per-row statistics of the last mask seen. A Transformer passes the same mask object to
-# every layer; its key counts are then computed once per forward instead of once per layer. Keyed on the
-# object (weak reference), its version counter (bumped by any in-place change) and the call's geometry.
-_STATS: dict[str, object] = {}
-
 
 def _clear_mask_stats_cache() -> None:
-    """Forget the cached mask statistics and additive masks (benchmarks use it to time the uncached path)."""
-    _STATS.clear()
-    _ADDITIVE.clear()
+    """Forget the kept mask data (row counts, multipliers, float mask); benchmarks use it to time a first call."""
+    _MASK.clear()
+
+
+def _mask_entry(mask: object, geometry: tuple) -> dict:
+    """The kept entry for ``mask`` under ``geometry``: the cached one if it is still valid, else a fresh one
+    (which replaces the cached one for tensors; predicates get a throwaway entry)."""
+    if not isinstance(mask, Tensor):
+        return {"ref": None, "identity": None, "counts": None, "empty": None, "empty_known": False, "ready": {},
+                "mults": {}}
+    identity = _tensor_identity(mask)
+    ref = _MASK.get("ref")
+    if ref is not None and ref() is mask and _MASK.get("identity") == identity and _MASK.get("geometry") == geometry:
+        return _MASK
+    _MASK.clear()                       # drop the old mask's data first (see the note above)
+    _MASK.update(ref=weakref.ref(mask), identity=identity, geometry=geometry, counts=None, empty=None,
+                 empty_known=False, ready={}, mults={})
+    return _MASK
+
+
+@functools.lru_cache(maxsize=16)
+def _fill_values(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The 0-d tensors ``0`` and ``-inf`` of an additive mask (made once, not on every call)."""
+    return torch.zeros((), dtype=dtype, device=device), torch.full((), float("-inf"), dtype=dtype, device=device)
+
+
+def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causal: bool, dtype: torch.dtype,
+                  device: torch.device, want_counts: bool,
+                  guard: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(the mask to give SDPA, per-row key counts ``[..., Q, 1]`` int64 or None, rows with no visible key
+    ``[..., Q, 1]`` bool or None). ``m4`` is the validated 4-D form of ``mask``; ``guard`` asks for the empty
+    rows (devices outside _SAFE_EMPTY_ROWS), which are then un-masked in the returned mask."""
+    entry = _mask_entry(mask, (m4.shape[0], m4.shape[1], Lq, Lk, is_causal, device))
+    ready = entry["ready"].get(dtype)   # type: ignore[union-attr]
+    if ready is not None and (entry["counts"] is not None or not want_counts) and (entry["empty_known"] or not guard):
+        return ready, entry["counts"], entry["empty"] if guard else None   # type: ignore[return-value]
+
+    if is_causal:
+        tri = render_mask(causal(0), 1, 1, Lq, Lk, device)
+        allowed_or_additive = m4 & tri if m4.dtype == torch.bool else m4.masked_fill(~tri, float("-inf"))
+    else:
+        allowed_or_additive = m4
+    if allowed_or_additive.is_floating_point():
+        allowed_or_additive = allowed_or_additive.to(dtype)
+    is_bool = allowed_or_additive.dtype == torch.bool
+    if want_counts and entry["counts"] is None:
+        counts = None
+        if isinstance(mask, Tensor) and not is_causal:        # the mask as its builder made it
+            attached = _attached_counts(mask, entry["identity"], as_4d=True)   # type: ignore[arg-type]
+            if attached is not None:
+                counts = attached if attached.device == device else attached.to(device)
+        if counts is None:
+            allowed = allowed_or_additive if is_bool else allowed_or_additive > float("-inf")
+            counts = _row_counts(allowed).unsqueeze(-1)
+        entry["counts"] = counts
+    if guard and not entry["empty_known"]:
+        if entry["counts"] is not None:
+            rows = entry["counts"] == 0
+        else:
+            allowed = allowed_or_additive if is_bool else allowed_or_additive > float("-inf")
+            rows = ~_row_any(allowed).unsqueeze(-1)
+        entry["empty"], entry["empty_known"] = (rows if bool(rows.any()) else None), True
+    empty = entry["empty"] if guard else None
+    if ready is None:
+        ready = allowed_or_additive
+        if empty is not None:   # let the kernel see every key of an empty row; its output is zeroed after
+            ready = ready | empty if is_bool else ready.masked_fill(empty, 0.0)
+        small = ready.numel() <= _ADDITIVE_MAX_ELEMENTS
+        if entry["ref"] is not None and (small or ready is m4):
+            # first sight of a bool mask: SDPA converts it (a mask used once costs nothing extra); from the
+            # second call with the same mask on, the converted float mask is kept and reused
+            seen = entry.setdefault("seen", set())
+            if is_bool and small and dtype in seen:           # type: ignore[operator]
+                ready = torch.where(ready, *_fill_values(dtype, device))
+            if not is_bool or not small or dtype in seen:     # type: ignore[operator]
+                entry["ready"][dtype] = ready   # type: ignore[index]
+            seen.add(dtype)                                   # type: ignore[union-attr]
+    return ready, entry["counts"], empty   # type: ignore[return-value]
 
 
 @functools.lru_cache(maxsize=32)
@@ -231,45 +299,16 @@ def _logn_lookup(k_len: int, min_n: float, base: float, dtype: torch.dtype, devi
 
 
 def _entropy_multiplier(counts: Tensor, k_len: int, min_n: float, base: float, dtype: torch.dtype) -> Tensor:
-    """``log_base(max(n_i, min_n))`` as a ``[..., Q, 1]`` q multiplier: one gather from a cached table of the
-    ``K + 1`` possible values (rather than five elementwise ops per call), memoised with the mask stats."""
-    mults = _STATS.get("mults")
+    """``log_base(max(n_i, min_n))`` as a ``[..., Q, 1]`` q multiplier: one ``take`` from a cached table of the
+    ``K + 1`` possible values (rather than five elementwise ops per call), kept with the mask's entry."""
+    mults = _MASK.get("mults") if _MASK.get("counts") is counts else None
     key = (k_len, min_n, base, dtype)
-    if _STATS.get("counts") is counts and isinstance(mults, dict) and key in mults:
+    if isinstance(mults, dict) and key in mults:
         return mults[key]
-    mult = _logn_lookup(k_len, min_n, base, dtype, counts.device)[counts].unsqueeze(-1)
-    if _STATS.get("counts") is counts:
-        if not isinstance(mults, dict):
-            mults = _STATS["mults"] = {}
+    mult = torch.take(_logn_lookup(k_len, min_n, base, dtype, counts.device), counts)
+    if isinstance(mults, dict):
         mults[key] = mult
     return mult
-
-
-def _mask_stats(user_mask: object, attn_mask: Tensor, geometry: tuple, want_counts: bool,
-                want_empty: bool) -> tuple[Tensor | None, Tensor | None]:
-    """(per-row key counts or None, bool rows-with-no-key or None when there are none / not wanted)."""
-    if not (want_counts or want_empty):
-        return None, None
-    key = None
-    if isinstance(user_mask, Tensor):
-        key = _mask_identity(user_mask, geometry)
-        ref = _STATS.get("ref")
-        if ref is not None and ref() is user_mask and _STATS.get("key") == key:
-            counts, empty = _STATS["counts"], _STATS["empty"]
-            if (counts is not None or not want_counts) and (_STATS.get("has_empty") or not want_empty):
-                return (counts if want_counts else None), (empty if want_empty else None)
-    allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
-    counts: Tensor | None = None
-    empty: Tensor | None = None
-    if want_counts:
-        counts = _row_counts(allowed)
-    if want_empty:  # only where the kernel cannot take a row with no visible key (see _SAFE_EMPTY_ROWS)
-        empty_rows = counts == 0 if counts is not None else ~_row_any(allowed)
-        empty = empty_rows if bool(empty_rows.any()) else None
-    if key is not None:
-        _STATS.clear()
-        _STATS.update(ref=weakref.ref(user_mask), key=key, counts=counts, empty=empty, has_empty=want_empty)
-    return counts, empty
 
 
 def _is_block_mask(mask: object) -> bool:

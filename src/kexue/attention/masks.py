@@ -79,6 +79,37 @@ def _rank(order: Tensor) -> Tensor:
     return rank.scatter_(-1, order, steps)
 
 
+def _tensor_identity(t: Tensor) -> tuple:
+    """What a result derived from ``t`` stays valid for: its storage, version counter (bumped by every in-place
+    change, also through views and ``detach()``), layout, dtype and device. A copy (``clone``, ``deepcopy``,
+    pickling, ``.to(other device)``) has another storage and so another identity."""
+    return (t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device)
+
+
+_COUNTS_ATTR = "_kexue_row_counts"
+
+
+def _attach_counts(mask: Tensor, counts: Tensor) -> Tensor:
+    """Record on a freshly built ``mask`` its per-row key counts (``mask.shape[:-1]``, int64), worked out by the
+    builder from the mask's structure in O(B * L) instead of read back from the O(B * L^2) mask. ``attention``
+    and :func:`~kexue.attention.scaling.keys_per_row` use them while the mask is unchanged (same identity)."""
+    if tuple(counts.shape) != tuple(mask.shape[:-1]):
+        raise AssertionError(f"counts {tuple(counts.shape)} do not match mask {tuple(mask.shape)}")
+    counts4 = counts.reshape((1,) * (4 - mask.dim()) + tuple(counts.shape) + (1,))  # [B|1, H|1, Q, 1]: for q
+    setattr(mask, _COUNTS_ATTR, (_tensor_identity(mask), counts, counts4))
+    return mask
+
+
+def _attached_counts(mask: Tensor, identity: tuple | None = None, *, as_4d: bool = False) -> Tensor | None:
+    """The counts a builder attached to ``mask`` (shape ``mask.shape[:-1]``, or ``[B|1, H|1, Q, 1]`` with
+    ``as_4d``), or None when there are none or the mask has changed since (in place, or it is a copy).
+    ``identity`` is ``_tensor_identity(mask)`` when the caller has it already."""
+    rec = mask.__dict__.get(_COUNTS_ATTR)
+    if rec is None or rec[0] != (identity if identity is not None else _tensor_identity(mask)):
+        return None
+    return rec[2] if as_4d else rec[1]
+
+
 # -------------------------------------------------------------------------------------------- combinators
 def and_masks(*mods: MaskMod) -> MaskMod:
     """Intersection of mask predicates (a key is allowed when every ``mod`` allows it).
@@ -362,7 +393,8 @@ def causal_mask(q_len: int, k_len: int | None = None, device: torch.device | str
     if k_len < q_len:
         raise ValueError(f"k_len must be >= q_len for a right-aligned causal mask, got q_len={q_len}, "
                          f"k_len={k_len}")
-    return render_mask(causal(k_len - q_len), 1, 1, q_len, k_len, device)[0, 0]
+    m = render_mask(causal(k_len - q_len), 1, 1, q_len, k_len, device)[0, 0].contiguous()
+    return _attach_counts(m, torch.arange(k_len - q_len + 1, k_len + 1, device=m.device))
 
 
 def padding_mask(attention_mask: Tensor) -> Tensor:
@@ -372,7 +404,8 @@ def padding_mask(attention_mask: Tensor) -> Tensor:
         >>> padding_mask(torch.tensor([[1, 1, 0]])).shape
         torch.Size([1, 1, 1, 3])
     """
-    return _check_binary("attention_mask", attention_mask).bool()[:, None, None, :]
+    am = _check_binary("attention_mask", attention_mask)
+    return _attach_counts(am.bool()[:, None, None, :].contiguous(), am.sum(-1)[:, None, None])
 
 
 def unilm_mask(segment_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -397,13 +430,19 @@ def unilm_mask(segment_ids: Tensor, attention_mask: Tensor | None = None) -> Ten
     s = _check_binary("segment_ids", segment_ids)
     B, L = s.shape
     m = render_mask(unilm(s), B, 1, L, L, s.device)
+    # keys per row without reading the mask: c is non-decreasing, so {j : c[j] <= c[i]} = {0, ..., r_i - 1}
+    c = s.cumsum(-1)
+    r = torch.searchsorted(c, c, right=True)
+    counts = r
     if attention_mask is not None:
         am = _check_binary("attention_mask", attention_mask)
         if am.shape != s.shape:
             raise ValueError(f"attention_mask must have the shape of segment_ids {tuple(segment_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
         m = m & am.bool()[:, None, None, :]
-    return m.contiguous()
+        visible = torch.cat([am.new_zeros(B, 1), am.cumsum(-1)], -1)   # visible[r] = real keys among 0..r-1
+        counts = visible.gather(-1, r)
+    return _attach_counts(m.contiguous(), counts[:, None, :])
 
 
 def prefix_lm_mask(prefix_len: int | Tensor, seq_len: int,
@@ -423,11 +462,14 @@ def prefix_lm_mask(prefix_len: int | Tensor, seq_len: int,
         if prefix_len.numel() and bool((prefix_len > L).any()):
             raise ValueError(f"prefix_len must be <= seq_len={L}, got {prefix_len.tolist()}")
         dev = device if device is not None else prefix_len.device
-        return render_mask(mod, prefix_len.shape[0], 1, L, L, dev).contiguous()
+        m = render_mask(mod, prefix_len.shape[0], 1, L, L, dev).contiguous()
+        steps = torch.arange(1, L + 1, device=m.device)
+        return _attach_counts(m, torch.maximum(steps, prefix_len.to(m.device).long()[:, None])[:, None, :])
     p = _check_len("prefix_len", prefix_len)
     if p > L:
         raise ValueError(f"prefix_len must be <= seq_len={L}, got {p}")
-    return render_mask(prefix_lm(p), 1, 1, L, L, device)[0, 0].contiguous()
+    m = render_mask(prefix_lm(p), 1, 1, L, L, device)[0, 0].contiguous()
+    return _attach_counts(m, torch.arange(1, L + 1, device=m.device).clamp_min(p))
 
 
 def permutation_mask(order: Tensor) -> Tensor:
@@ -450,9 +492,11 @@ def permutation_mask(order: Tensor) -> Tensor:
     """
     o = _check_order("order", order)
     L = o.shape[-1]
+    counts = _rank(o) + 1                                   # position i sees the rank(i) + 1 steps up to its own
     if o.dim() == 1:
-        return render_mask(permutation(o), 1, 1, L, L, o.device)[0, 0].contiguous()
-    return render_mask(permutation(o), o.shape[0], 1, L, L, o.device).contiguous()
+        return _attach_counts(render_mask(permutation(o), 1, 1, L, L, o.device)[0, 0].contiguous(), counts)
+    return _attach_counts(render_mask(permutation(o), o.shape[0], 1, L, L, o.device).contiguous(),
+                          counts[:, None, :])
 
 
 def permute_for_plm(tokens: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
@@ -502,11 +546,13 @@ def _mask4(mask: Tensor | MaskMod, B: int, H: int, q_len: int, k_len: int, devic
                             f"dtype {mask.dtype}")
         if mask.dim() > 4:
             raise ValueError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
-        m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        if any(m not in (1, n) for m, n in zip(m4.shape, (B, H, q_len, k_len))):
+        m4 = mask if mask.dim() == 4 else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        mb, mh, mq, mk = m4.shape
+        if not ((mb == 1 or mb == B) and (mh == 1 or mh == H) and (mq == 1 or mq == q_len)
+                and (mk == 1 or mk == k_len)):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to [B, H, Q, K] = "
                              f"{[B, H, q_len, k_len]}")
-        return m4.to(device)
+        return m4 if m4.device == device else m4.to(device)
     if callable(mask):
         return render_mask(mask, B, H, q_len, k_len, device)
     raise TypeError(f"mask must be a tensor, a mask predicate or None, got {type(mask).__name__}")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from kexue._checks import check_positive, check_tensor
 
-from .masks import MaskMod, _as_allowed, _row_counts, causal, render_mask
+from .masks import MaskMod, _as_allowed, _attached_counts, _row_counts, causal, render_mask
 
 __all__ = ["entropy_invariant_scale", "logn_factor", "keys_per_row", "attention_entropy", "LogNScale"]
 
@@ -138,9 +138,13 @@ def keys_per_row(mask: Tensor | MaskMod | None, q_len: int, k_len: int, *, is_ca
         allowed = render_mask(mask, 1, 1, q_len, k_len)
     else:
         raise TypeError(f"mask must be a tensor, a mask predicate or None, got {type(mask).__name__}")
-    if is_causal:
-        allowed = allowed & render_mask(causal(0), 1, 1, q_len, k_len, allowed.device)[0, 0]
-    counts = _row_counts(allowed.expand(*allowed.shape[:-2], q_len, k_len))
+    counts = None
+    if isinstance(mask, Tensor) and not is_causal and tuple(mask.shape[-2:]) == (q_len, k_len):
+        counts = _attached_counts(mask)          # worked out by the mask's builder, if it has not changed since
+    if counts is None:
+        if is_causal:
+            allowed = allowed & render_mask(causal(0), 1, 1, q_len, k_len, allowed.device)[0, 0]
+        counts = _row_counts(allowed.expand(*allowed.shape[:-2], q_len, k_len))
     return counts.clamp_min(min_n) if min_n else counts
 
 

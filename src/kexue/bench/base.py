@@ -35,13 +35,27 @@ class BenchRow:
     peer_s: float | None
     target: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    ratio: float | None = None
 
     @property
     def speedup(self) -> float | None:
-        """peer time / our time (> 1 means we are faster)."""
+        """peer time / our time (> 1 means we are faster): the paired ratio of :func:`compare` when the row
+        was given one, else the ratio of the two medians."""
+        if self.ratio is not None:
+            return self.ratio
         if self.peer_s is None or self.ours_s <= 0:
             return None
         return self.peer_s / self.ours_s
+
+    @classmethod
+    def of(cls, case: str, ours: str, peer: str, timing: Comparison, target: str = "",
+           extra: dict[str, Any] | None = None) -> BenchRow:
+        """A row from a :func:`compare` result: its medians, its paired ratio and that ratio's quartiles."""
+        extra = dict(extra or {})
+        if timing.ratio_iqr is not None:
+            lo, hi = timing.ratio_iqr
+            extra.setdefault("speedup_iqr", f"{lo:.2f}-{hi:.2f} (paired samples)")
+        return cls(case, ours, peer, timing[0], timing[1], target, extra, timing.ratio)
 
     def to_dict(self) -> dict[str, Any]:
         return {"case": self.case, "ours": self.ours, "peer": self.peer, "ours_s": self.ours_s,
@@ -86,19 +100,50 @@ def time_call(fn: Callable[[], Any], *, device: str = "cpu", repeats: int = 7, w
     return statistics.median(_sample(fn, n, device) for _ in range(repeats))
 
 
+class Comparison(tuple):
+    """``(ours_s, peer_s)``: median seconds per call of each side, as returned by :func:`compare`.
+
+    It unpacks like a pair; ``ratio`` is the median over sample pairs of ``peer / ours`` taken back to back
+    (None without a peer), and ``ratio_iqr`` the interquartile range of those paired ratios. Pairing cancels
+    what the two samples of a pair share (a slower machine for a second), so the paired ratio is steadier
+    than the ratio of the two medians when both sides take about the same time.
+    """
+
+    ratio: float | None
+    ratio_iqr: tuple[float, float] | None
+
+    def __new__(cls, ours_s: float, peer_s: float | None, ratio: float | None = None,
+                ratio_iqr: tuple[float, float] | None = None) -> Comparison:
+        obj = super().__new__(cls, (ours_s, peer_s))
+        obj.ratio, obj.ratio_iqr = ratio, ratio_iqr
+        return obj
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return (xs[0], xs[0]) if xs else (float("nan"), float("nan"))
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
+
+
 def compare(ours: Callable[[], Any], peer: Callable[[], Any] | None, *, device: str = "cpu",
-            repeats: int = 7, rounds: int = 3, warmup: int = 2, min_time: float = 0.02) -> tuple[float, float | None]:
-    """Median seconds per call of ``ours`` and of ``peer``, timed in alternation.
+            repeats: int = 7, rounds: int = 3, warmup: int = 2, min_time: float = 0.02) -> Comparison:
+    """Median seconds per call of ``ours`` and of ``peer``, timed in alternation; also their paired ratio.
 
     ``repeats * rounds`` samples of each are taken sample by sample in ABBA order (ours, peer, peer, ours,
     ...), so a machine that speeds up or slows down during the measurement (turbo, another process, thermal
     limits) weighs on both alike; timing one function completely before the other turned such drifts into
-    ratio errors of 10-20 % on a shared 2-core machine.
+    ratio errors of 10-20 % on a shared 2-core machine. Each sample loops until ``min_time`` has passed
+    (calibrated once); when the two sides take about the same time per call (within 2x) they get the same
+    loop count, so a cost paid once per sample (a cold first call) weighs on both alike.
     """
     if peer is None:
-        return time_call(ours, device=device, repeats=repeats * rounds, warmup=warmup, min_time=min_time), None
+        return Comparison(time_call(ours, device=device, repeats=repeats * rounds, warmup=warmup,
+                                    min_time=min_time), None)
     n_o = _calibrate(ours, device, warmup, min_time)
     n_p = _calibrate(peer, device, warmup, min_time)
+    if max(n_o, n_p) <= 2 * min(n_o, n_p):
+        n_o = n_p = max(n_o, n_p)
     t_ours: list[float] = []
     t_peer: list[float] = []
     for i in range(repeats * rounds):
@@ -108,7 +153,10 @@ def compare(ours: Callable[[], Any], peer: Callable[[], Any] | None, *, device: 
         else:
             t_peer.append(_sample(peer, n_p, device))
             t_ours.append(_sample(ours, n_o, device))
-    return statistics.median(t_ours), statistics.median(t_peer)
+    ratios = [p / o for o, p in zip(t_ours, t_peer) if o > 0]
+    ratio = statistics.median(ratios) if ratios else None
+    return Comparison(statistics.median(t_ours), statistics.median(t_peer), ratio,
+                      _quartiles(ratios) if ratios else None)
 
 
 def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
