@@ -173,7 +173,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
 
     dev = q.device
     m4 = _mask4(mask, B, H, Lq, Lk, dev)
-    guard = dev.type not in _SAFE_EMPTY_ROWS
+    guard = not (q.is_cpu and "cpu" in _SAFE_EMPTY_ROWS) and dev.type not in _SAFE_EMPTY_ROWS
     attn_mask, counts, empty = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed, guard)
     if isinstance(scale, str) and scale == "entropy":
         assert counts is not None
