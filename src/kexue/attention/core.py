@@ -67,9 +67,10 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int
     return B, H, Lq, Lk, D
 
 
-@functools.lru_cache(maxsize=256, typed=True)  # typed: False and 0 stay distinct
+@functools.lru_cache(maxsize=256)
 def _check_numbers(min_n: float, base: float, dropout_p: float) -> None:
-    """The numeric arguments, checked once per distinct combination (calls repeat the same few)."""
+    """The numeric arguments, checked once per distinct combination of plain ints/floats (calls repeat the
+    same few; _check_common sends anything else, bools included, past the cache)."""
     _check_min_n(min_n)
     _check_base(base)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
@@ -77,12 +78,10 @@ def _check_numbers(min_n: float, base: float, dropout_p: float) -> None:
 
 
 def _check_common(scale: ScaleArg, min_n: float, base: float, dropout_p: float) -> None:
-    try:
+    if type(min_n) in (int, float) and type(base) in (int, float) and type(dropout_p) in (int, float):
         _check_numbers(min_n, base, dropout_p)
-    except TypeError as exc:
-        if "unhashable" not in str(exc):
-            raise
-        _check_numbers.__wrapped__(min_n, base, dropout_p)   # an unhashable argument: checked uncached
+    else:                                   # anything else (bool, tensor, list...) is checked uncached
+        _check_numbers.__wrapped__(min_n, base, dropout_p)
     if isinstance(scale, str) and scale not in ("standard", "entropy"):
         raise ValueError(f"scale must be 'standard', 'entropy', a positive float, a tensor or a callable, "
                          f"got {scale!r}")
@@ -173,7 +172,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
 
     dev = q.device
     m4 = _mask4(mask, B, H, Lq, Lk, dev)
-    guard = not (q.is_cpu and "cpu" in _SAFE_EMPTY_ROWS) and dev.type not in _SAFE_EMPTY_ROWS
+    # (q.is_cpu first: reading dev.type costs a few microseconds on every call)
+    guard = False if q.is_cpu and "cpu" in _SAFE_EMPTY_ROWS else dev.type not in _SAFE_EMPTY_ROWS
     attn_mask, counts, empty = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed, guard)
     if isinstance(scale, str) and scale == "entropy":
         assert counts is not None
@@ -220,14 +220,14 @@ def _mask_entry(mask: object, geometry: tuple) -> dict:
     (which replaces the cached one for tensors; predicates get a throwaway entry)."""
     if not isinstance(mask, Tensor):
         return {"ref": None, "identity": None, "counts": None, "empty": None, "empty_known": False, "ready": {},
-                "mults": {}}
+                "mults": {}, "seen": set()}
     identity = _tensor_identity(mask)
     ref = _MASK.get("ref")
     if ref is not None and ref() is mask and _MASK.get("identity") == identity and _MASK.get("geometry") == geometry:
         return _MASK
     _MASK.clear()                       # drop the old mask's data first (see the note above)
     _MASK.update(ref=weakref.ref(mask), identity=identity, geometry=geometry, counts=None, empty=None,
-                 empty_known=False, ready={}, mults={})
+                 empty_known=False, ready={}, mults={}, seen=set())
     return _MASK
 
 
@@ -282,7 +282,7 @@ def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causa
         if entry["ref"] is not None and (small or ready is m4):
             # first sight of a bool mask: SDPA converts it (a mask used once costs nothing extra); from the
             # second call with the same mask on, the converted float mask is kept and reused
-            seen = entry.setdefault("seen", set())
+            seen = entry["seen"]
             if is_bool and small and dtype in seen:           # type: ignore[operator]
                 ready = torch.where(ready, *_fill_values(dtype, device))
             if not is_bool or not small or dtype in seen:     # type: ignore[operator]
