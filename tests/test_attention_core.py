@@ -217,7 +217,7 @@ def test_empty_row_guard_path(monkeypatch, scale):
     """Devices without SDPA's zero-for-empty-rows behaviour take the guard path; it must agree too."""
     import kexue.attention.core as core
 
-    monkeypatch.setattr(core, "_SAFE_EMPTY_ROWS", frozenset())
+    monkeypatch.setattr(core, "_EMPTY_ROWS_ZERO", {})
     core._clear_mask_stats_cache()
     g = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(2, 2, 6, 4, generator=g, dtype=torch.float64) for _ in range(3))
@@ -231,6 +231,42 @@ def test_empty_row_guard_path(monkeypatch, scale):
                     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_additive_policy_hands_sdpa_a_float_mask_from_the_first_call(monkeypatch):
+    """Devices marked "additive" (CUDA: cuDNN's bool-mask path leaves empty rows non-zero) must never see a bool
+    mask: kept masks, predicates and masks too big to keep are all converted, and results still match."""
+    import torch.nn.functional as F
+
+    import kexue.attention.core as core
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kw):
+        seen.append(None if kw.get("attn_mask") is None else kw["attn_mask"].dtype)
+        return sdpa(*args, **kw)
+
+    monkeypatch.setattr(core, "_EMPTY_ROWS_ZERO", {"cpu": "additive"})
+    monkeypatch.setattr(core.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(core, "_ADDITIVE_MAX_ELEMENTS", 100)
+    g = torch.Generator().manual_seed(16)
+    q, k, v = (torch.randn(2, 2, 6, 4, generator=g) for _ in range(3))
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    am = torch.tensor([[1, 1, 0, 1, 1, 0], [0] * 6])
+    small, big = unilm_mask(seg, am), unilm_mask(seg, am).expand(2, 2, 6, 6)   # 72 / 144 elements
+    for mask in (small, big, and_masks(unilm(seg), padding(am))):
+        core._clear_mask_stats_cache()
+        for scale in ("entropy", "standard", "entropy"):
+            for is_causal in (False, True):
+                seen.clear()
+                torch.testing.assert_close(attention(q, k, v, mask, scale=scale, is_causal=is_causal),
+                                           attention_reference(q, k, v, mask, scale=scale, is_causal=is_causal))
+                assert seen == [torch.float32]
+        if mask is small:                                    # converted once, on the first call, and kept
+            assert core._MASK["ready"][torch.float32].dtype == torch.float32
+        if mask is big:                                      # too big to keep: nothing kept, converted per call
+            assert torch.float32 not in core._MASK["ready"]
+
+
 def test_kept_mask_entry_serves_a_change_of_scale_and_dtype():
     """One mask object used with the standard scale first (no counts kept), then with the entropy scale, then
     in another dtype: each call must agree with the reference, on both empty-row paths."""
@@ -240,8 +276,8 @@ def test_kept_mask_entry_serves_a_change_of_scale_and_dtype():
     m = unilm_mask(torch.tensor([[0, 0, 1, 1, 1]] * 2), torch.tensor([[1, 1, 1, 1, 0], [0] * 5]))
     plain = m.clone()                                             # no builder counts: read from the mask
     q, k, v = (torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    for safe in (frozenset({"cpu"}), frozenset()):
-        core._SAFE_EMPTY_ROWS, saved = safe, core._SAFE_EMPTY_ROWS
+    for policy in ({"cpu": "any"}, {}, {"cpu": "additive"}):
+        core._EMPTY_ROWS_ZERO, saved = policy, core._EMPTY_ROWS_ZERO
         try:
             for mask in (m, plain):
                 core._clear_mask_stats_cache()
@@ -251,7 +287,7 @@ def test_kept_mask_entry_serves_a_change_of_scale_and_dtype():
                     torch.testing.assert_close(attention(*args, mask=mask, scale=scale, min_n=1),
                                                attention_reference(*args, mask=mask, scale=scale, min_n=1))
         finally:
-            core._SAFE_EMPTY_ROWS = saved
+            core._EMPTY_ROWS_ZERO = saved
 
 
 def test_mask_statistics_cache_follows_in_place_changes():

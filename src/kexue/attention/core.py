@@ -173,8 +173,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     dev = q.device
     m4 = _mask4(mask, B, H, Lq, Lk, dev)
     # (q.is_cpu first: reading dev.type costs a few microseconds on every call)
-    guard = False if q.is_cpu and "cpu" in _SAFE_EMPTY_ROWS else dev.type not in _SAFE_EMPTY_ROWS
-    attn_mask, counts, empty = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed, guard)
+    policy = _EMPTY_ROWS_ZERO.get("cpu") if q.is_cpu else _EMPTY_ROWS_ZERO.get(dev.type)
+    attn_mask, counts, empty = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed,
+                                             guard=policy is None, additive=policy == "additive")
     if isinstance(scale, str) and scale == "entropy":
         assert counts is not None
         mult, s = _entropy_multiplier(counts, Lk, float(min_n), float(base), q.dtype), 1.0 / math.sqrt(D)
@@ -204,10 +205,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
 _MASK: dict[str, object] = {}
 _ADDITIVE_MAX_ELEMENTS = 1 << 22  # 16 MB in fp32: L = 2048 with one mask per batch
 
-# Devices whose SDPA kernels already return 0 (and zero gradients) for a query row with no visible key; the
-# tests hold torch to this (fully masked rows vs the reference, fp64/fp32/bf16, bool and additive masks).
-# Elsewhere such rows are un-masked for the kernel and their output zeroed afterwards.
-_SAFE_EMPTY_ROWS = frozenset({"cpu"})
+# What a device's SDPA kernels return for a query row with no visible key, by device type:
+# * "any": 0, with zero gradients, for bool and additive masks alike (CPU; tests/test_attention_core.py holds
+#   torch to it: fully masked rows vs the reference, fp64/fp32/bf16, bool and additive masks);
+# * "additive": the same for additive float masks (-inf = hidden) on every backend that takes a mask (math,
+#   memory-efficient, cuDNN), but cuDNN's bool-mask path returns a finite, non-zero row (CUDA, torch 2.11 on an
+#   H100): bool masks are converted to their additive form before the call, on the first sight too, and no
+#   extra pass or host synchronisation is needed (tests/test_cuda.py holds each backend to it);
+# * missing: the empty rows are found (from the row counts when known), un-masked for the kernel, and the
+#   output zeroed there afterwards (the "guard"; no host synchronisation off the CPU).
+_EMPTY_ROWS_ZERO: dict[str, str] = {"cpu": "any"}
+if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit()) >= (2, 11):
+    _EMPTY_ROWS_ZERO["cuda"] = "additive"     # seen on torch 2.11; older releases take the guard
 
 
 def _clear_mask_stats_cache() -> None:
@@ -238,11 +247,12 @@ def _fill_values(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tens
 
 
 def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causal: bool, dtype: torch.dtype,
-                  device: torch.device, want_counts: bool,
-                  guard: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                  device: torch.device, want_counts: bool, *, guard: bool = False,
+                  additive: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(the mask to give SDPA, per-row key counts ``[..., Q, 1]`` int64 or None, rows with no visible key
     ``[..., Q, 1]`` bool or None). ``m4`` is the validated 4-D form of ``mask``; ``guard`` asks for the empty
-    rows (devices outside _SAFE_EMPTY_ROWS), which are then un-masked in the returned mask."""
+    rows (devices missing from _EMPTY_ROWS_ZERO), which are then un-masked in the returned mask; ``additive``
+    hands SDPA an additive float mask from the first call on (devices marked "additive" there)."""
     entry = _mask_entry(mask, (m4.shape[0], m4.shape[1], Lq, Lk, is_causal, device))
     ready = entry["ready"].get(dtype)   # type: ignore[union-attr]
     if ready is not None and (entry["counts"] is not None or not want_counts) and (entry["empty_known"] or not guard):
@@ -272,7 +282,9 @@ def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causa
         else:
             allowed = allowed_or_additive if is_bool else allowed_or_additive > float("-inf")
             rows = ~_row_any(allowed).unsqueeze(-1)
-        entry["empty"], entry["empty_known"] = (rows if bool(rows.any()) else None), True
+        if rows.is_cpu and not bool(rows.any()):   # off the CPU, asking would wait for the device
+            rows = None
+        entry["empty"], entry["empty_known"] = rows, True
     empty = entry["empty"] if guard else None
     if ready is None:
         ready = allowed_or_additive
@@ -283,11 +295,14 @@ def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causa
             # first sight of a bool mask: SDPA converts it (a mask used once costs nothing extra); from the
             # second call with the same mask on, the converted float mask is kept and reused
             seen = entry["seen"]
-            if is_bool and small and dtype in seen:           # type: ignore[operator]
+            convert = is_bool and small and (additive or dtype in seen)   # type: ignore[operator]
+            if convert:
                 ready = torch.where(ready, *_fill_values(dtype, device))
-            if not is_bool or not small or dtype in seen:     # type: ignore[operator]
+            if not is_bool or convert or not (small or additive):   # big bool masks are kept as they are
                 entry["ready"][dtype] = ready   # type: ignore[index]
             seen.add(dtype)                                   # type: ignore[union-attr]
+        if additive and ready.dtype == torch.bool:          # too big to keep (or a predicate): convert per call
+            ready = torch.where(ready, *_fill_values(dtype, device))
     return ready, entry["counts"], empty   # type: ignore[return-value]
 
 
