@@ -92,6 +92,28 @@ def test_cli_list_and_bench_unknown(capsys):
         cli.main(["reproduce", "--quick", "--full"])
 
 
+def test_cli_bench_prints_each_row_as_it_is_measured(monkeypatch, tmp_path, capsys):
+    """A bench that yields its rows has each one printed at once: a run cut short keeps what it measured."""
+    from kexue.bench import BENCHES, BenchRow
+
+    class Stop(Exception):
+        pass
+
+    def fake(opts):
+        yield BenchRow("case A", "ours", "peer", 0.002, 0.004, "report only", {"note": "first"})
+        print("-- between rows --")
+        yield BenchRow("case B", "ours", "peer", 0.003, None, "report only")
+        raise Stop
+
+    monkeypatch.setitem(BENCHES, "fake-stream", fake)
+    with pytest.raises(Stop):
+        cli.main(["bench", "fake-stream", "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert out.index("case A") < out.index("note: first") < out.index("-- between rows --") < out.index("case B")
+    assert "2.00x" in out                         # case A's speedup (peer / ours)
+    assert not (tmp_path / "b.json").exists()     # the JSON is written only for a finished run
+
+
 def test_register_study_decorator(fake_studies):
     @register_study("fake-reg", article=9, title="t", quick_budget_s=1, full_time="1 s")
     def run(ctx):

@@ -136,7 +136,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchOptions, format_rows, load_all
+    from .bench import BenchOptions, format_header, format_row, load_all
 
     benches = load_all()
     names = args.names or sorted(benches)
@@ -150,8 +150,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = {}
     for name in names:
         t0 = time.perf_counter()
-        rows = benches[name](opts)
-        print(format_rows(name, rows))
+        print(format_header(name), flush=True)
+        rows = []
+        for row in benches[name](opts):       # printed as measured: a run cut short keeps what it printed
+            rows.append(row)
+            print(format_row(row), flush=True)
         print(f"({time.perf_counter() - t0:.1f} s)\n", flush=True)
         out[name] = [r.to_dict() for r in rows]
     if args.json:

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from .._checks import import_modules
-from .base import BENCHES, BenchOptions, BenchRow, compare, format_rows, register_bench, time_call
+from .base import (
+    BENCHES,
+    BenchOptions,
+    BenchRow,
+    compare,
+    format_header,
+    format_row,
+    format_rows,
+    register_bench,
+    time_call,
+)
 
 BENCH_MODULES = ("augment", "attention", "linalg", "losses")
 
@@ -14,5 +24,5 @@ def load_all() -> dict:
     return BENCHES
 
 
-__all__ = ["BENCHES", "BenchOptions", "BenchRow", "compare", "format_rows", "load_all", "register_bench",
-           "time_call"]
+__all__ = ["BENCHES", "BenchOptions", "BenchRow", "compare", "format_header", "format_row", "format_rows", "load_all",
+           "register_bench", "time_call"]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -92,17 +92,13 @@ def _timing_kwargs(L: int, opts: BenchOptions) -> dict:
 
 
 @register_bench("attention")
-def run(opts: BenchOptions) -> list[BenchRow]:
-    lengths = (512, 2048) if opts.quick else (512, 2048, 8192)
-    rows: list[BenchRow] = []
-    for L in lengths:
-        rows.extend(_rows_for_length(L, opts))
-    return rows
+def run(opts: BenchOptions) -> Iterator[BenchRow]:
+    for L in (512, 2048) if opts.quick else (512, 2048, 8192):
+        yield from _rows_for_length(L, opts)
 
 
-def _rows_for_length(L: int, opts: BenchOptions) -> list[BenchRow]:
+def _rows_for_length(L: int, opts: BenchOptions) -> Iterator[BenchRow]:
     dev = opts.device
-    rows: list[BenchRow] = []
     tk = _timing_kwargs(L, opts)
     q, k, v = _qkv(L, dev)
     seg = (torch.arange(L) >= L // 2).long()[None].to(dev)
@@ -110,13 +106,13 @@ def _rows_for_length(L: int, opts: BenchOptions) -> list[BenchRow]:
     sdpa_mask = "SDPA bool mask (1/sqrt d)"
 
     def add(case: str, ours_name: str, peer_name: str, ours: Callable[[], object], peer: Callable[[], object],
-            target: str = TARGET, **extra: str) -> None:
-        rows.append(BenchRow.of(case, ours_name, peer_name, compare(ours, peer, device=dev, **tk), target, extra))
+            target: str = TARGET, **extra: str) -> BenchRow:
+        return BenchRow.of(case, ours_name, peer_name, compare(ours, peer, device=dev, **tk), target, extra)
 
     # ---- causal: is_causal fast path, n_i = i + 1 computed arithmetically
     with torch.no_grad():
         err = _entropy_reference_check(attention(q, k, v, is_causal=True, scale="entropy"), q, k, v, None, True)
-    add(f"causal L={L} fwd", "attention(entropy)", "SDPA is_causal (1/sqrt d)",
+    yield add(f"causal L={L} fwd", "attention(entropy)", "SDPA is_causal (1/sqrt d)",
         lambda: attention(q, k, v, is_causal=True, scale="entropy"),
         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         max_abs_diff_vs_prescaled_sdpa=f"{err:.2e}")
@@ -134,7 +130,7 @@ def _rows_for_length(L: int, opts: BenchOptions) -> list[BenchRow]:
         turn[side] ^= 1
         return fresh[turn[side]]
 
-    add(f"unilm mask L={L} fwd", "attention(entropy) new mask", sdpa_mask,
+    yield add(f"unilm mask L={L} fwd", "attention(entropy) new mask", sdpa_mask,
         lambda: attention(q, k, v, next_mask("ours"), scale="entropy"),
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=next_mask("peer")),
         max_abs_diff_vs_prescaled_sdpa=f"{err:.2e}", note="a new unilm_mask object every call")
@@ -146,35 +142,35 @@ def _rows_for_length(L: int, opts: BenchOptions) -> list[BenchRow]:
         _clear_mask_stats_cache()
         return attention(q, k, v, plain, scale="entropy")
 
-    add(f"unilm mask L={L} fwd", "attention(entropy) counted", sdpa_mask, counted,
+    yield add(f"unilm mask L={L} fwd", "attention(entropy) counted", sdpa_mask, counted,
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=plain),
         note="a user-made bool mask (no builder counts), caches cleared: row counts read from it every call")
-    add(f"unilm mask L={L} fwd", "attention(entropy) reused", sdpa_mask,
+    yield add(f"unilm mask L={L} fwd", "attention(entropy) reused", sdpa_mask,
         lambda: attention(q, k, v, umask, scale="entropy"),
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
         note="the same mask object again, as every layer after the first: counts and float mask kept")
     if L >= 8192:
-        return rows
+        return
     # A/A control: the peer against itself, timed the same way -- how far from 1.00x noise alone moves a ratio
-    add(f"unilm mask L={L} fwd", "SDPA bool mask (control)", sdpa_mask,
+    yield add(f"unilm mask L={L} fwd", "SDPA bool mask (control)", sdpa_mask,
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
         target="report only: the noise floor (ideal 1.00x)", note="the same call on both sides")
-    add(f"unilm mask L={L} fwd", "attention(standard)", sdpa_mask,
+    yield add(f"unilm mask L={L} fwd", "attention(standard)", sdpa_mask,
         lambda: attention(q, k, v, umask, scale="standard"),
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
         note="the wrapper alone (checks, kept float mask)")
 
     # ---- what a user pays: a whole model forward, new UniLM mask every call, entropy vs standard scale
-    rows.append(_model_row(L, seg, opts, tk))
+    yield _model_row(L, seg, opts, tk)
 
     # ---- forward + backward (training) at the smaller sizes (only the smallest with --quick)
     if L <= (512 if opts.quick else 2048):
         qg, kg, vg = _qkv(L, dev, grad=True)
-        add(f"causal L={L} fwd+bwd", "attention(entropy)", "SDPA is_causal (1/sqrt d)",
+        yield add(f"causal L={L} fwd+bwd", "attention(entropy)", "SDPA is_causal (1/sqrt d)",
             _fwd_bwd(lambda: attention(qg, kg, vg, is_causal=True, scale="entropy"), (qg, kg, vg)),
             _fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg)))
-        add(f"unilm mask L={L} fwd+bwd", "attention(entropy) new mask", sdpa_mask,
+        yield add(f"unilm mask L={L} fwd+bwd", "attention(entropy) new mask", sdpa_mask,
             _fwd_bwd(lambda: attention(qg, kg, vg, next_mask("ours"), scale="entropy"), (qg, kg, vg)),
             _fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=next_mask("peer")),
                      (qg, kg, vg)),
@@ -182,8 +178,7 @@ def _rows_for_length(L: int, opts: BenchOptions) -> list[BenchRow]:
 
     # ---- FlexAttention BlockMask vs dense bool mask (eager flex materialises the scores: small L only)
     if L <= (512 if opts.quick else 2048):
-        rows.extend(_flex_rows(L, q, k, v, seg, umask, opts, tk))
-    return rows
+        yield from _flex_rows(L, q, k, v, seg, umask, opts, tk)
 
 
 def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict) -> BenchRow:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,23 +185,31 @@ BENCHES: dict[str, Callable[[BenchOptions], list[BenchRow]]] = {}
 
 
 def register_bench(name: str) -> Callable:
-    """Decorator registering ``run(opts) -> list[BenchRow]`` as benchmark ``name``."""
+    """Decorator registering ``run(opts)`` as benchmark ``name``: it returns its rows as a list, or yields them
+    one by one (``kexue bench`` then prints each row as soon as it is measured)."""
 
-    def deco(fn: Callable[[BenchOptions], list[BenchRow]]) -> Callable[[BenchOptions], list[BenchRow]]:
+    def deco(fn: Callable[[BenchOptions], Iterable[BenchRow]]) -> Callable[[BenchOptions], Iterable[BenchRow]]:
         BENCHES[name] = fn
         return fn
 
     return deco
 
 
-def format_rows(name: str, rows: list[BenchRow]) -> str:
-    """A plain-text table of rows with the ratio column."""
+def format_header(name: str) -> str:
+    """The title and column heads of a bench table (rows follow from :func:`format_row`)."""
     head = f"{'case':<44} {'ours':<26} {'peer':<30} {'ours ms':>10} {'peer ms':>10} {'speedup':>8}  target"
-    out = [f"== kexue bench {name}", head, "-" * len(head)]
-    for r in rows:
-        peer_ms = f"{r.peer_s * 1e3:10.3f}" if r.peer_s is not None else f"{'-':>10}"
-        sp = f"{r.speedup:7.2f}x" if r.speedup is not None else f"{'-':>8}"
-        out.append(f"{r.case:<44} {r.ours:<26} {r.peer:<30} {r.ours_s * 1e3:10.3f} {peer_ms} {sp}  {r.target}")
-        for k, v in r.extra.items():
-            out.append(f"{'':<44} {k}: {v}")
+    return "\n".join([f"== kexue bench {name}", head, "-" * len(head)])
+
+
+def format_row(r: BenchRow) -> str:
+    """One row of a bench table, with its extra fields on the lines below it."""
+    peer_ms = f"{r.peer_s * 1e3:10.3f}" if r.peer_s is not None else f"{'-':>10}"
+    sp = f"{r.speedup:7.2f}x" if r.speedup is not None else f"{'-':>8}"
+    out = [f"{r.case:<44} {r.ours:<26} {r.peer:<30} {r.ours_s * 1e3:10.3f} {peer_ms} {sp}  {r.target}"]
+    out.extend(f"{'':<44} {k}: {v}" for k, v in r.extra.items())
     return "\n".join(out)
+
+
+def format_rows(name: str, rows: Iterable[BenchRow]) -> str:
+    """A plain-text table of rows with the ratio column."""
+    return "\n".join([format_header(name), *(format_row(r) for r in rows)])
