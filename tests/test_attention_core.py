@@ -59,7 +59,7 @@ def _scale(name, B, H, L):
 def _run(fn, q, k, v, **kw):
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     out = fn(q, k, v, **kw)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
     (out.float() * g.float()).sum().backward()
     return out, q.grad, k.grad, v.grad
 

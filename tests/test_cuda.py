@@ -16,6 +16,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from test_attention_core import _run  # tests/ is on sys.path (pytest rootdir-relative imports)
 
 from kexue.attention import (
     attention,
@@ -52,14 +53,6 @@ def _masks(B, L):
         "prefix": prefix_lm_mask(L // 3, L),
         "additive": torch.zeros(L, L).masked_fill(~causal_mask(L), float("-inf")),
     }
-
-
-def _run(fn, q, k, v, **kw):
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = fn(q, k, v, **kw)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
-    (out.float() * g.float()).sum().backward()
-    return out, q.grad, k.grad, v.grad
 
 
 def _to(mask, dev):
