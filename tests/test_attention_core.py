@@ -262,9 +262,9 @@ def test_additive_policy_hands_sdpa_a_float_mask_from_the_first_call(monkeypatch
                                            attention_reference(q, k, v, mask, scale=scale, is_causal=is_causal))
                 assert seen == [torch.float32]
         if mask is small:                                    # converted once, on the first call, and kept
-            assert core._MASK["ready"][torch.float32].dtype == torch.float32
+            assert core._mask_cache()["ready"][torch.float32].dtype == torch.float32
         if mask is big:                                      # too big to keep: nothing kept, converted per call
-            assert torch.float32 not in core._MASK["ready"]
+            assert torch.float32 not in core._mask_cache()["ready"]
 
 
 def test_kept_mask_entry_serves_a_change_of_scale_and_dtype():
@@ -319,14 +319,12 @@ def test_cached_additive_mask_matches_the_bool_mask_and_follows_changes():
     m[0, 0, 3] = False                                           # a fully masked row
     for scale in ("standard", "entropy"):
         core._clear_mask_stats_cache()
-        first = attention(q, k, v, m, scale=scale)              # first sight: SDPA converts the bool mask
-        assert torch.float32 not in core._MASK["ready"]
-        again = attention(q, k, v, m, scale=scale)               # second: converted once and kept
-        kept = core._MASK["ready"][torch.float32]
+        first = attention(q, k, v, m, scale=scale)              # first sight: converted by us and kept
+        kept = core._mask_cache()["ready"][torch.float32]
         assert kept.dtype == torch.float32
         assert torch.equal(kept, torch.zeros(()).masked_fill(~m, float("-inf")).expand_as(kept))
-        assert torch.equal(first, attention(q, k, v, m, scale=scale))  # third: served from the cache
-        assert core._MASK["ready"][torch.float32] is kept
+        again = attention(q, k, v, m, scale=scale)               # second: served from the cache
+        assert core._mask_cache()["ready"][torch.float32] is kept
         assert torch.equal(first, again)
         if scale == "standard":                                  # same numbers as SDPA's own conversion
             assert torch.equal(first, F.scaled_dot_product_attention(q, k, v, attn_mask=m))
@@ -336,14 +334,15 @@ def test_cached_additive_mask_matches_the_bool_mask_and_follows_changes():
     qd, kd, vd = q.double(), k.double(), v.double()              # another dtype: a new float mask
     torch.testing.assert_close(attention(qd, kd, vd, m), attention_reference(qd, kd, vd, m))
     torch.testing.assert_close(attention(qd, kd, vd, m), attention_reference(qd, kd, vd, m))
-    assert core._MASK["ready"][torch.float64].dtype == torch.float64
+    assert core._mask_cache()["ready"][torch.float64].dtype == torch.float64
     torch.testing.assert_close(attention(q, k, v, m, is_causal=True), attention_reference(q, k, v, m, is_causal=True))
-    big = torch.ones(1, 1, 2049, 2049, dtype=torch.bool)         # above the size kept: passed through as bool
+    big = torch.ones(1, 1, 2049, 2049, dtype=torch.bool)         # above the size kept: converted per call
+    big[0, 0, 5, :7] = False
     core._clear_mask_stats_cache()
     qb = torch.randn(1, 1, 2049, 4, generator=g)
     for _ in range(2):
-        torch.testing.assert_close(attention(qb, qb, qb, big), F.scaled_dot_product_attention(qb, qb, qb))
-    assert core._MASK["ready"][torch.float32].dtype == torch.bool   # kept as the user's own bool tensor
+        torch.testing.assert_close(attention(qb, qb, qb, big), F.scaled_dot_product_attention(qb, qb, qb, big))
+        assert torch.float32 not in core._mask_cache()["ready"]
 
 
 def test_fast_row_counts_match_sum():
@@ -363,3 +362,83 @@ def test_fast_row_counts_match_sum():
         rand = torch.rand(1, 2, 5, n, generator=g) > 0.3
         for x in (dense, rand, rand[..., 8:], rand[..., 16:n - 8], rand[..., ::1].expand(3, 2, 5, n), ~dense):
             assert torch.equal(_row_counts(x), x.sum(-1)), (n, x.shape, x.stride())
+
+
+def _fresh_masks(n, B=2, L=12, seed=40):
+    """n different bool masks of one shape (fully masked rows included), as a new mask per batch."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        m = torch.rand(B, 1, L, L, generator=g) > 0.5
+        m[0, 0, 2] = False
+        out.append(m)
+    return out
+
+
+def test_a_new_mask_per_call_matches_the_reference_with_and_without_grad():
+    """A new bool mask every call (each replaces the kept entry and is converted to its float form here)."""
+    from kexue.attention import core
+
+    core._clear_mask_stats_cache()
+    g = torch.Generator().manual_seed(41)
+    q, k, v = (torch.randn(2, 2, 12, 4, generator=g) for _ in range(3))
+    for grad_mode in (torch.no_grad, torch.enable_grad, torch.inference_mode):
+        with grad_mode():
+            for mask in _fresh_masks(3):
+                for scale in ("entropy", "standard"):
+                    torch.testing.assert_close(attention(q, k, v, mask, scale=scale),
+                                               attention_reference(q, k, v, mask, scale=scale))
+
+
+@pytest.mark.parametrize("order", ["grad first", "no-grad first"])
+def test_a_float_mask_kept_for_backward_is_never_written_over(order):
+    """A mask handed to SDPA while autograd records is saved for the backward: later calls with new masks (under
+    no_grad too) must leave it as it was, or the backward would see another mask."""
+    g = torch.Generator().manual_seed(42)
+    q, k, v = (torch.randn(2, 2, 12, 4, generator=g, requires_grad=True) for _ in range(3))
+    masks = _fresh_masks(4, seed=43)
+    if order == "no-grad first":                 # a kept entry that the recorded call then replaces
+        with torch.no_grad():
+            attention(q, k, v, masks[3])
+    out = attention(q, k, v, masks[0], scale="entropy")
+    with torch.no_grad():
+        for m in masks[1:3]:
+            attention(q, k, v, m, scale="entropy")
+    gout = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (q, k, v), gout)
+    ref = attention_reference(q, k, v, masks[0], scale="entropy")
+    want = torch.autograd.grad(ref, (q, k, v), gout)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_kept_entries_across_inference_mode_and_threads():
+    """Each thread keeps its own entry (one thread replacing the kept mask never pulls it from under another)."""
+    import threading
+
+    from kexue.attention import core
+
+    g = torch.Generator().manual_seed(44)
+    q, k, v = (torch.randn(2, 2, 12, 4, generator=g) for _ in range(3))
+    masks = _fresh_masks(3, seed=45)
+    core._clear_mask_stats_cache()
+    with torch.inference_mode():                 # an entry made in inference mode, then used outside it
+        attention(q, k, v, masks[0])
+    for m in masks[1:]:
+        torch.testing.assert_close(attention(q, k, v, m), attention_reference(q, k, v, m))
+    errors = []
+
+    def work(seed):
+        try:
+            for m in _fresh_masks(30, seed=seed):
+                torch.testing.assert_close(attention(q, k, v, m, scale="entropy"),
+                                           attention_reference(q, k, v, m, scale="entropy"))
+        except Exception as exc:                 # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(50 + i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

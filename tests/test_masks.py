@@ -463,3 +463,43 @@ def test_attention_with_builder_counts_equals_counting_the_mask():
             torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(got, attention_reference(q, k, v, m, scale="entropy", min_n=1,
                                                                 is_causal=is_causal))
+
+
+def test_to_additive_mask_matches_where_in_every_float_dtype_and_layout():
+    from kexue.attention import to_additive_mask
+
+    g = torch.Generator().manual_seed(31)
+    m = torch.rand(2, 3, 5, 8, generator=g) > 0.5
+    m[0, 0, 1] = False                                       # a fully hidden row
+    views = [m, m.transpose(-1, -2), m[:, :1].expand(2, 4, 5, 8), m[..., 1:6], causal_mask(7), m[:0]]
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for x in views:
+            got = to_additive_mask(x, dtype)
+            want = torch.where(x, torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype))
+            assert got.dtype == dtype and got.shape == x.shape
+            assert torch.equal(got, want), (dtype, x.shape, x.stride())
+    assert to_additive_mask(m).dtype == torch.float32
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        to_additive_mask(m.float())
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        to_additive_mask([[True]])
+    with pytest.raises(TypeError, match="dtype must be a floating"):
+        to_additive_mask(m, torch.int32)
+
+
+def test_builders_and_attention_work_under_inference_mode():
+    """Inference tensors have no version counter: masks built under torch.inference_mode carry no attached
+    counts and are not kept by attention(), but everything still works and agrees with the reference."""
+    from kexue.attention import attention, attention_reference, keys_per_row
+
+    seg, am = torch.tensor([[0, 0, 0, 1, 1, 1]]), torch.tensor([[1, 1, 1, 1, 1, 0]])
+    q = torch.randn(1, 2, 6, 4, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        masks = [unilm_mask(seg, am), causal_mask(6), padding_mask(am), prefix_lm_mask(2, 6),
+                 permutation_mask(torch.tensor([2, 0, 1, 3, 5, 4]))]
+        for m in masks:
+            assert torch.equal(keys_per_row(m, 6, 6), m.expand(*m.shape[:-2], 6, 6).sum(-1))
+            for scale in ("entropy", "standard"):
+                for _ in range(2):
+                    torch.testing.assert_close(attention(q, q, q, m, scale=scale, min_n=1),
+                                               attention_reference(q, q, q, m, scale=scale, min_n=1))

@@ -184,3 +184,19 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="entropy"):
         Transformer(10, dim=16, depth=1, heads=2, attention=lambda q, k, v, **kw: v)(
             torch.tensor([[1, 2]]), return_entropy=True)
+
+
+def test_forward_under_inference_mode_equals_no_grad():
+    """A UniLM mask built under torch.inference_mode is an inference tensor (no version counter): the model
+    must still run, with the same logits as under no_grad."""
+    from kexue.attention import unilm_mask
+
+    torch.manual_seed(0)
+    model = Transformer(50, dim=32, depth=2, heads=2, attention_scale="entropy").eval()
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(1))
+    seg = torch.tensor([[0] * 4 + [1] * 6] * 2)
+    with torch.no_grad():
+        want = model(ids, mask=unilm_mask(seg)).logits
+    with torch.inference_mode():
+        got = model(ids, mask=unilm_mask(seg)).logits
+    torch.testing.assert_close(got, want)

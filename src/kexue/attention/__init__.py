@@ -24,6 +24,7 @@ from .masks import (
     render_mask,
     sliding_window,
     sliding_window_mask,
+    to_additive_mask,
     to_block_mask,
     unilm,
     unilm_mask,
@@ -31,7 +32,8 @@ from .masks import (
 from .scaling import LogNScale, attention_entropy, entropy_invariant_scale, keys_per_row, logn_factor
 
 __all__ = [
-    "MaskMod", "and_masks", "or_masks", "render_mask", "to_block_mask", "full", "causal", "padding",
+    "MaskMod", "and_masks", "or_masks", "render_mask", "to_block_mask", "to_additive_mask", "full", "causal",
+    "padding",
     "sliding_window_mask", "sliding_window", "unilm", "prefix_lm", "permutation", "from_dense",
     "causal_mask", "padding_mask", "unilm_mask", "prefix_lm_mask", "permutation_mask", "permute_for_plm",
     "entropy_invariant_scale", "logn_factor", "keys_per_row", "attention_entropy", "LogNScale",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import weakref
 
 import torch
@@ -32,6 +33,7 @@ from kexue._checks import check_tensor, compute_dtype
 
 from .masks import (
     MaskMod,
+    _additive,
     _as_allowed,
     _attached_counts,
     _mask4,
@@ -124,10 +126,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     ``BlockMask`` from :func:`~kexue.attention.masks.to_block_mask` (runs ``flex_attention``: eager and
     forward-only on CPU, fused under ``torch.compile`` on GPU; per-row counts for ``"entropy"`` are read by
     evaluating its predicate in row chunks), or ``None``. Fully masked rows output 0.
-    A bool mask tensor passed in two consecutive calls (as a model passes one mask to every layer) is
-    converted to its additive float form on the second call and kept for the calls that follow (one mask,
-    at most 4M elements, i.e. 16 MB in fp32; dropped when another mask comes or the tensor is changed in
-    place), saving the conversion SDPA would repeat on every call. The per-row key counts of a mask built by
+    A bool mask is handed to SDPA in its additive float form, converted here by
+    :func:`~kexue.attention.masks.to_additive_mask` (about a third of the cost of the conversion SDPA itself
+    makes on every call); the converted mask is kept while the same tensor keeps coming (as a model passes one
+    mask to every layer: one conversion per forward; at most 4M elements, i.e. 16 MB in fp32; dropped when
+    another mask comes or the tensor is changed in place). The per-row key counts of a mask built by
     :func:`~kexue.attention.masks.unilm_mask`, ``causal_mask``, ``prefix_lm_mask``, ``permutation_mask`` or
     ``padding_mask`` come attached to it (worked out from the segment ids / lengths / order, never read back
     from the mask); any other mask is read once and its counts kept with it.
@@ -175,7 +178,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     # (q.is_cpu first: reading dev.type costs a few microseconds on every call)
     policy = _EMPTY_ROWS_ZERO.get("cpu") if q.is_cpu else _EMPTY_ROWS_ZERO.get(dev.type)
     attn_mask, counts, empty = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed,
-                                             guard=policy is None, additive=policy == "additive")
+                                             guard=policy is None)
     if isinstance(scale, str) and scale == "entropy":
         assert counts is not None
         mult, s = _entropy_multiplier(counts, Lk, float(min_n), float(base), q.dtype), 1.0 / math.sqrt(D)
@@ -189,20 +192,31 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
 
 
 # What a mask costs beyond SDPA's own work, and how it is kept down:
-# * SDPA turns a bool mask into an additive float mask (0 / -inf) on every call. When the same bool mask
-#   tensor comes a second time we convert it here once and keep the float mask for the calls that follow, so
-#   a Transformer (one mask for every layer) converts once per forward instead of once per layer. The first
-#   call leaves the conversion to SDPA: converting and keeping a mask that is never seen again measured
-#   slower (~4 % at L = 512) than SDPA's own short-lived conversion. Masks above _ADDITIVE_MAX_ELEMENTS go to
-#   SDPA as they are: a kept copy would be 4x the bool mask in fp32.
+# * SDPA turns a bool mask into an additive float mask (0 / -inf) inside every call that gets one. We convert it
+#   ourselves (masks._additive), hand SDPA the float mask, and keep it while the same mask tensor comes again,
+#   so a Transformer (one mask for every layer) converts once per forward instead of once per layer. Even a mask
+#   used once is cheaper so: at L = 512 (B = 1, H = 2, a [1, 1, L, L] mask, 2 CPU cores) SDPA with the bool mask
+#   took ~320 us longer than with a ready float mask, and our conversion ~130 us. Masks above
+#   _ADDITIVE_MAX_ELEMENTS are converted per call and not kept: a kept copy would be 4x the bool mask in fp32.
 # * the per-row key counts for scale="entropy" come from the mask's builder when it attached them (O(B L),
 #   kexue.attention.masks._attach_counts), else from one read of the mask (_row_counts); either way they
 #   are kept with the mask, as is the log n multiplier made from them.
-# Everything is kept in ONE entry (the last mask seen), keyed on the tensor object (weak reference), its
-# identity (storage, version counter bumped by any in-place change, layout; masks._tensor_identity) and the
-# call's geometry. The previous entry is dropped before anything is computed for a new mask, so at most one
-# kept float mask is alive (holding two made the allocator hand out fresh, page-faulting memory per call).
-_MASK: dict[str, object] = {}
+# Everything is kept in ONE entry per thread (the last mask the thread saw; threads share nothing), keyed on the
+# tensor object (weak reference), its identity (storage, version counter bumped by any in-place change, layout;
+# masks._tensor_identity) and the call's geometry. The previous entry is dropped before anything is computed
+# for a new mask, so at most one kept float mask per thread is alive.
+_LOCAL = threading.local()          # one entry per thread: threads never see (or clear) each other's entry
+
+
+def _mask_cache() -> dict:
+    """This thread's kept-mask entry (a dict, empty until a mask tensor is seen)."""
+    try:
+        return _LOCAL.entry
+    except AttributeError:
+        _LOCAL.entry = {}
+        return _LOCAL.entry
+
+
 _ADDITIVE_MAX_ELEMENTS = 1 << 22  # 16 MB in fp32: L = 2048 with one mask per batch
 
 # What a device's SDPA kernels return for a query row with no visible key, by device type:
@@ -210,8 +224,8 @@ _ADDITIVE_MAX_ELEMENTS = 1 << 22  # 16 MB in fp32: L = 2048 with one mask per ba
 #   torch to it: fully masked rows vs the reference, fp64/fp32/bf16, bool and additive masks);
 # * "additive": the same for additive float masks (-inf = hidden) on every backend that takes a mask (math,
 #   memory-efficient, cuDNN), but cuDNN's bool-mask path returns a finite, non-zero row (CUDA, torch 2.11 on an
-#   H100): bool masks are converted to their additive form before the call, on the first sight too, and no
-#   extra pass or host synchronisation is needed (tests/test_cuda.py holds each backend to it);
+#   H100): as every bool mask goes to SDPA in its additive form, no extra pass or host synchronisation is
+#   needed (tests/test_cuda.py holds each backend to it);
 # * missing: the empty rows are found (from the row counts when known), un-masked for the kernel, and the
 #   output zeroed there afterwards (the "guard"; no host synchronisation off the CPU).
 _EMPTY_ROWS_ZERO: dict[str, str] = {"cpu": "any"}
@@ -220,39 +234,33 @@ if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isd
 
 
 def _clear_mask_stats_cache() -> None:
-    """Forget the kept mask data (row counts, multipliers, float mask); benchmarks use it to time a first call."""
-    _MASK.clear()
+    """Forget this thread's kept mask data (row counts, multipliers, float mask and its buffer)."""
+    _mask_cache().clear()
 
 
 def _mask_entry(mask: object, geometry: tuple) -> dict:
     """The kept entry for ``mask`` under ``geometry``: the cached one if it is still valid, else a fresh one
-    (which replaces the cached one for tensors; predicates get a throwaway entry)."""
-    if not isinstance(mask, Tensor):
+    (which replaces the cached one for tensors; predicates and inference tensors get a throwaway entry)."""
+    identity = _tensor_identity(mask) if isinstance(mask, Tensor) else None
+    if identity is None:                # a predicate, or an inference tensor (no version counter): nothing kept
         return {"ref": None, "identity": None, "counts": None, "empty": None, "empty_known": False, "ready": {},
-                "mults": {}, "seen": set()}
-    identity = _tensor_identity(mask)
-    ref = _MASK.get("ref")
-    if ref is not None and ref() is mask and _MASK.get("identity") == identity and _MASK.get("geometry") == geometry:
-        return _MASK
-    _MASK.clear()                       # drop the old mask's data first (see the note above)
-    _MASK.update(ref=weakref.ref(mask), identity=identity, geometry=geometry, counts=None, empty=None,
-                 empty_known=False, ready={}, mults={}, seen=set())
-    return _MASK
-
-
-@functools.lru_cache(maxsize=16)
-def _fill_values(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The 0-d tensors ``0`` and ``-inf`` of an additive mask (made once, not on every call)."""
-    return torch.zeros((), dtype=dtype, device=device), torch.full((), float("-inf"), dtype=dtype, device=device)
+                "mults": {}}
+    kept = _mask_cache()
+    ref = kept.get("ref")
+    if ref is not None and ref() is mask and kept.get("identity") == identity and kept.get("geometry") == geometry:
+        return kept
+    kept.clear()                        # drop the old mask's data first (see the note above)
+    kept.update(ref=weakref.ref(mask), identity=identity, geometry=geometry, counts=None, empty=None,
+                empty_known=False, ready={}, mults={})
+    return kept
 
 
 def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causal: bool, dtype: torch.dtype,
-                  device: torch.device, want_counts: bool, *, guard: bool = False,
-                  additive: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(the mask to give SDPA, per-row key counts ``[..., Q, 1]`` int64 or None, rows with no visible key
-    ``[..., Q, 1]`` bool or None). ``m4`` is the validated 4-D form of ``mask``; ``guard`` asks for the empty
-    rows (devices missing from _EMPTY_ROWS_ZERO), which are then un-masked in the returned mask; ``additive``
-    hands SDPA an additive float mask from the first call on (devices marked "additive" there)."""
+                  device: torch.device, want_counts: bool, *,
+                  guard: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(the additive float mask to give SDPA, per-row key counts ``[..., Q, 1]`` int64 or None, rows with no
+    visible key ``[..., Q, 1]`` bool or None). ``m4`` is the validated 4-D form of ``mask``; ``guard`` asks for
+    the empty rows (devices missing from _EMPTY_ROWS_ZERO), which are then un-masked in the returned mask."""
     entry = _mask_entry(mask, (m4.shape[0], m4.shape[1], Lq, Lk, is_causal, device))
     ready = entry["ready"].get(dtype)   # type: ignore[union-attr]
     if ready is not None and (entry["counts"] is not None or not want_counts) and (entry["empty_known"] or not guard):
@@ -290,19 +298,10 @@ def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causa
         ready = allowed_or_additive
         if empty is not None:   # let the kernel see every key of an empty row; its output is zeroed after
             ready = ready | empty if is_bool else ready.masked_fill(empty, 0.0)
-        small = ready.numel() <= _ADDITIVE_MAX_ELEMENTS
-        if entry["ref"] is not None and (small or ready is m4):
-            # first sight of a bool mask: SDPA converts it (a mask used once costs nothing extra); from the
-            # second call with the same mask on, the converted float mask is kept and reused
-            seen = entry["seen"]
-            convert = is_bool and small and (additive or dtype in seen)   # type: ignore[operator]
-            if convert:
-                ready = torch.where(ready, *_fill_values(dtype, device))
-            if not is_bool or convert or not (small or additive):   # big bool masks are kept as they are
-                entry["ready"][dtype] = ready   # type: ignore[index]
-            seen.add(dtype)                                   # type: ignore[union-attr]
-        if additive and ready.dtype == torch.bool:          # too big to keep (or a predicate): convert per call
-            ready = torch.where(ready, *_fill_values(dtype, device))
+        if is_bool:             # converted here: cheaper than the conversion SDPA makes inside the call
+            ready = _additive(ready, dtype)
+        if entry["ref"] is not None and ready.numel() <= _ADDITIVE_MAX_ELEMENTS:
+            entry["ready"][dtype] = ready   # type: ignore[index]
     return ready, entry["counts"], empty   # type: ignore[return-value]
 
 
@@ -316,7 +315,8 @@ def _logn_lookup(k_len: int, min_n: float, base: float, dtype: torch.dtype, devi
 def _entropy_multiplier(counts: Tensor, k_len: int, min_n: float, base: float, dtype: torch.dtype) -> Tensor:
     """``log_base(max(n_i, min_n))`` as a ``[..., Q, 1]`` q multiplier: one ``take`` from a cached table of the
     ``K + 1`` possible values (rather than five elementwise ops per call), kept with the mask's entry."""
-    mults = _MASK.get("mults") if _MASK.get("counts") is counts else None
+    kept = _mask_cache()
+    mults = kept.get("mults") if kept.get("counts") is counts else None
     key = (k_len, min_n, base, dtype)
     if isinstance(mults, dict) and key in mults:
         return mults[key]

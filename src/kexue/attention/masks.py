@@ -29,7 +29,8 @@ from kexue._checks import check_tensor
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 __all__ = [
-    "MaskMod", "and_masks", "or_masks", "render_mask", "to_block_mask", "full", "causal", "padding",
+    "MaskMod", "and_masks", "or_masks", "render_mask", "to_block_mask", "to_additive_mask", "full", "causal",
+    "padding",
     "sliding_window_mask", "sliding_window", "unilm", "prefix_lm", "permutation", "from_dense",
     "causal_mask", "padding_mask", "unilm_mask", "prefix_lm_mask", "permutation_mask", "permute_for_plm",
 ]
@@ -79,10 +80,13 @@ def _rank(order: Tensor) -> Tensor:
     return rank.scatter_(-1, order, steps)
 
 
-def _tensor_identity(t: Tensor) -> tuple:
+def _tensor_identity(t: Tensor) -> tuple | None:
     """What a result derived from ``t`` stays valid for: its storage, version counter (bumped by every in-place
     change, also through views and ``detach()``), layout, dtype and device. A copy (``clone``, ``deepcopy``,
-    pickling, ``.to(other device)``) has another storage and so another identity."""
+    pickling, ``.to(other device)``) has another storage and so another identity. None for an inference tensor
+    (made under ``torch.inference_mode``): it has no version counter, so nothing derived from it is kept."""
+    if t.is_inference():
+        return None
     return (t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device)
 
 
@@ -95,8 +99,11 @@ def _attach_counts(mask: Tensor, counts: Tensor) -> Tensor:
     and :func:`~kexue.attention.scaling.keys_per_row` use them while the mask is unchanged (same identity)."""
     if tuple(counts.shape) != tuple(mask.shape[:-1]):
         raise AssertionError(f"counts {tuple(counts.shape)} do not match mask {tuple(mask.shape)}")
+    identity = _tensor_identity(mask)
+    if identity is None:                # an inference tensor: no way to tell later whether it was changed
+        return mask
     counts4 = counts.reshape((1,) * (4 - mask.dim()) + tuple(counts.shape) + (1,))  # [B|1, H|1, Q, 1]: for q
-    setattr(mask, _COUNTS_ATTR, (_tensor_identity(mask), counts, counts4))
+    setattr(mask, _COUNTS_ATTR, (identity, counts, counts4))
     return mask
 
 
@@ -106,7 +113,7 @@ def _attached_counts(mask: Tensor, identity: tuple | None = None, *, as_4d: bool
     ``identity`` is ``_tensor_identity(mask)`` when the caller has it already."""
     rec = mask.__dict__.get(_COUNTS_ATTR)
     if rec is None or rec[0] != (identity if identity is not None else _tensor_identity(mask)):
-        return None
+        return None                     # (an inference tensor has no record: _attach_counts leaves none)
     return rec[2] if as_4d else rec[1]
 
 
@@ -205,6 +212,46 @@ def to_block_mask(mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN
     Q_LEN, KV_LEN = _check_len("Q_LEN", Q_LEN), _check_len("KV_LEN", KV_LEN)
     dev = device if device is not None else "cpu"
     return create_block_mask(mod, B, H, Q_LEN, KV_LEN, device=dev, BLOCK_SIZE=BLOCK_SIZE)
+
+
+
+# The bit pattern of -inf read as a signed integer of the float's width (the sign bit and an all-ones exponent).
+_NEG_INF_BITS = {torch.float32: (torch.int32, -(1 << 23)), torch.float64: (torch.int64, -(1 << 52)),
+                 torch.float16: (torch.int16, -(1 << 10)), torch.bfloat16: (torch.int16, -(1 << 7))}
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool mask -> additive ``dtype`` mask (0 where True, -inf where False), unchecked; see to_additive_mask."""
+    bits = _NEG_INF_BITS.get(dtype)
+    if bits is None or not allowed.is_cpu:   # one select: other float types, and on a GPU one kernel, not three
+        return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device),
+                           torch.full((), float("-inf"), dtype=dtype, device=allowed.device))
+    int_dtype, neg_inf = bits
+    out = torch.empty(allowed.shape, dtype=int_dtype, device=allowed.device)
+    # 1/0 -> 0/-inf on the integer view of the float: x * (-neg_inf) + neg_inf, with neg_inf the bits of -inf
+    return out.copy_(allowed).mul_(-neg_inf).add_(neg_inf).view(dtype)
+
+
+def to_additive_mask(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A bool mask (True = may attend) as an additive float mask: ``0`` where True, ``-inf`` where False.
+
+    The same values as ``torch.where(mask, 0, -inf)``, the conversion ``F.scaled_dot_product_attention``
+    repeats on every call that gets a bool mask. On a CPU it is made on the float's bit pattern instead (the
+    bools cast to integers, then one multiply and one add in place); on other devices by ``torch.where``, one
+    kernel. Convert once and pass the result to every layer to skip SDPA's own conversion
+    (:func:`kexue.attention.attention` does this itself). Broadcast (``expand``-ed) dimensions of ``mask`` are
+    materialised in the result, which is contiguous.
+
+    Example:
+        >>> to_additive_mask(causal_mask(2)).tolist()
+        [[0.0, -inf], [0.0, 0.0]]
+    """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = may attend), got "
+                        f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    return _additive(mask, dtype)
 
 
 # ---------------------------------------------------------------------------------------- predicates
