@@ -127,8 +127,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     forward-only on CPU, fused under ``torch.compile`` on GPU; per-row counts for ``"entropy"`` are read by
     evaluating its predicate in row chunks), or ``None``. Fully masked rows output 0.
     A bool mask is handed to SDPA in its additive float form, converted here by
-    :func:`~kexue.attention.masks.to_additive_mask` (about a third of the cost of the conversion SDPA itself
-    makes on every call); the converted mask is kept while the same tensor keeps coming (as a model passes one
+    :func:`~kexue.attention.masks.to_additive_mask` (less than half the cost, on a CPU, of the conversion SDPA
+    itself makes on every call); the converted mask is kept while the same tensor keeps coming (as a model passes one
     mask to every layer: one conversion per forward; at most 4M elements, i.e. 16 MB in fp32; dropped when
     another mask comes or the tensor is changed in place). The per-row key counts of a mask built by
     :func:`~kexue.attention.masks.unilm_mask`, ``causal_mask``, ``prefix_lm_mask``, ``permutation_mask`` or
@@ -234,7 +234,7 @@ if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isd
 
 
 def _clear_mask_stats_cache() -> None:
-    """Forget this thread's kept mask data (row counts, multipliers, float mask and its buffer)."""
+    """Forget this thread's kept mask data (row counts, multipliers, float mask)."""
     _mask_cache().clear()
 
 
