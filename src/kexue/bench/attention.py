@@ -93,6 +93,18 @@ def _timing_kwargs(L: int, opts: BenchOptions) -> dict:
     return {"repeats": max(opts.repeats, 20), "rounds": 3}
 
 
+def _in_turn(masks: list[torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """``next(side)``: the two masks in turn, separately for each side ("ours", "peer"), so that no call of a
+    side sees the mask of that side's previous call."""
+    turn = {"ours": 0, "peer": 0}
+
+    def next_mask(side: str) -> torch.Tensor:
+        turn[side] ^= 1
+        return masks[turn[side]]
+
+    return next_mask
+
+
 @register_bench("attention")
 def run(opts: BenchOptions) -> Iterator[BenchRow]:
     for L in (512, 2048) if opts.quick else (512, 2048, 8192):
@@ -125,13 +137,7 @@ def _rows_for_length(L: int, opts: BenchOptions) -> Iterator[BenchRow]:
     # A new mask object on every call, as the first layer of a model sees it: two masks from unilm_mask taken
     # in turn, so no cache can serve a call. Their builder attached the row counts (worked out from the segment
     # ids, not read back from the mask); SDPA gets the same two masks.
-    fresh = [umask, unilm_mask(seg)]
-    turn = {"ours": 0, "peer": 0}
-
-    def next_mask(side: str) -> torch.Tensor:
-        turn[side] ^= 1
-        return fresh[turn[side]]
-
+    next_mask = _in_turn([umask, unilm_mask(seg)])
     yield add(f"unilm mask L={L} fwd", "attention(entropy) new mask", sdpa_mask,
         lambda: attention(q, k, v, next_mask("ours"), scale="entropy"),
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=next_mask("peer")),
@@ -139,13 +145,7 @@ def _rows_for_length(L: int, opts: BenchOptions) -> Iterator[BenchRow]:
 
     # any other bool mask (no counts attached), seen for the first time: two user-made copies taken in turn (as
     # a new mask per batch), so every call reads the row counts from the mask; SDPA gets the same two masks
-    plain = [umask.clone(), umask.clone()]
-    plain_turn = {"ours": 0, "peer": 0}
-
-    def next_plain(side: str) -> torch.Tensor:
-        plain_turn[side] ^= 1
-        return plain[plain_turn[side]]
-
+    next_plain = _in_turn([umask.clone(), umask.clone()])
     yield add(f"unilm mask L={L} fwd", "attention(entropy) counted", sdpa_mask,
         lambda: attention(q, k, v, next_plain("ours"), scale="entropy"),
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=next_plain("peer")),
