@@ -503,3 +503,15 @@ def test_builders_and_attention_work_under_inference_mode():
                 for _ in range(2):
                     torch.testing.assert_close(attention(q, q, q, m, scale=scale, min_n=1),
                                                attention_reference(q, q, q, m, scale=scale, min_n=1))
+
+
+def test_to_additive_mask_select_path_matches_the_bit_path(monkeypatch):
+    """The torch.where path (GPUs, float types without a bit pattern entry) gives the same values."""
+    import kexue.attention.masks as masks_mod
+
+    m = torch.rand(2, 3, 5, 8, generator=torch.Generator().manual_seed(32)) > 0.5
+    want = {dt: masks_mod.to_additive_mask(m, dt) for dt in (torch.float32, torch.float64, torch.bfloat16)}
+    monkeypatch.setattr(masks_mod, "_NEG_INF_BITS", {})
+    for dt, w in want.items():
+        for _ in range(2):                                   # the fill values are made once and reused
+            assert torch.equal(masks_mod.to_additive_mask(m, dt), w)

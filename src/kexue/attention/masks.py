@@ -19,7 +19,7 @@ called with broadcast index grids (:func:`render_mask`) and under ``vmap`` (``cr
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import reduce
+from functools import lru_cache, reduce
 
 import torch
 from torch import Tensor
@@ -220,12 +220,17 @@ _NEG_INF_BITS = {torch.float32: (torch.int32, -(1 << 23)), torch.float64: (torch
                  torch.float16: (torch.int16, -(1 << 10)), torch.bfloat16: (torch.int16, -(1 << 7))}
 
 
+@lru_cache(maxsize=16)
+def _fill_values(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The 0-d tensors ``0`` and ``-inf`` of an additive mask (made once, not on every call)."""
+    return torch.zeros((), dtype=dtype, device=device), torch.full((), float("-inf"), dtype=dtype, device=device)
+
+
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """Bool mask -> additive ``dtype`` mask (0 where True, -inf where False), unchecked; see to_additive_mask."""
     bits = _NEG_INF_BITS.get(dtype)
     if bits is None or not allowed.is_cpu:   # one select: other float types, and on a GPU one kernel, not three
-        return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device),
-                           torch.full((), float("-inf"), dtype=dtype, device=allowed.device))
+        return torch.where(allowed, *_fill_values(dtype, allowed.device))
     int_dtype, neg_inf = bits
     out = torch.empty(allowed.shape, dtype=int_dtype, device=allowed.device)
     # 1/0 -> 0/-inf on the integer view of the float: x * (-neg_inf) + neg_inf, with neg_inf the bits of -inf
