@@ -476,7 +476,7 @@ def test_to_additive_mask_matches_where_in_every_float_dtype_and_layout():
         for x in views:
             got = to_additive_mask(x, dtype)
             want = torch.where(x, torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype))
-            assert got.dtype == dtype and got.shape == x.shape
+            assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
             assert torch.equal(got, want), (dtype, x.shape, x.stride())
     assert to_additive_mask(m).dtype == torch.float32
     with pytest.raises(TypeError, match="mask must be a bool tensor"):

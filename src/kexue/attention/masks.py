@@ -232,9 +232,16 @@ def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     if bits is None or not allowed.is_cpu:   # one select: other float types, and on a GPU one kernel, not three
         return torch.where(allowed, *_fill_values(dtype, allowed.device))
     int_dtype, neg_inf = bits
-    out = torch.empty(allowed.shape, dtype=int_dtype, device=allowed.device)
-    # 1/0 -> 0/-inf on the integer view of the float: x * (-neg_inf) + neg_inf, with neg_inf the bits of -inf
-    return out.copy_(allowed).mul_(-neg_inf).add_(neg_inf).view(dtype)
+    out = torch.empty(allowed.shape, dtype=int_dtype, device=allowed.device).copy_(allowed)
+    # 1/0 -> 0/-inf on the integer view of the float: neg_inf + x * (-neg_inf), with neg_inf the bits of -inf,
+    # in place as one kernel. (torch.add(start, allowed) straight from the bools would be one call, but on a CPU
+    # it first copies the bools to a temporary of the integer type: two fresh buffers, slower at large L.)
+    return torch.add(_neg_inf_start(int_dtype, neg_inf), out, alpha=-neg_inf, out=out).view(dtype)
+
+
+@lru_cache(maxsize=8)
+def _neg_inf_start(int_dtype: torch.dtype, neg_inf: int) -> Tensor:
+    return torch.tensor(neg_inf, dtype=int_dtype)
 
 
 def to_additive_mask(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -242,7 +249,7 @@ def to_additive_mask(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor
 
     The same values as ``torch.where(mask, 0, -inf)``, the conversion ``F.scaled_dot_product_attention``
     repeats on every call that gets a bool mask. On a CPU it is made on the float's bit pattern instead (the
-    bools cast to integers, then one multiply and one add in place); on other devices by ``torch.where``, one
+    bools cast to integers, then one fused multiply-add in place); on other devices by ``torch.where``, one
     kernel. Convert once and pass the result to every layer to skip SDPA's own conversion
     (:func:`kexue.attention.attention` does this itself). Broadcast (``expand``-ed) dimensions of ``mask`` are
     materialised in the result, which is contiguous.
