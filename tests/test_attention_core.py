@@ -442,3 +442,98 @@ def test_kept_entries_across_inference_mode_and_threads():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+def _compiled(fn, backend="aot_eager"):
+    """``fn`` under torch.compile with ``fullgraph=True``: a graph break inside it is an error."""
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True)
+
+
+COMPILE_CASES = [(name, "entropy", False) for name in _masks(2, 9)] + \
+    [("unilm_pad", s, False) for s in SCALES if s != "entropy"] + \
+    [("unilm_pad", "entropy", True), ("additive", "entropy", True), ("none", "entropy", True),
+     ("none", "lognscale", True)]
+
+
+@pytest.mark.parametrize("mask_name,scale_name,is_causal", COMPILE_CASES)
+def test_attention_traces_as_one_graph_and_matches_eager(mask_name, scale_name, is_causal):
+    """Under torch.compile, attention() takes its tensor-only path (no kept masks, no attached counts): no
+    graph break, and the same values and gradients as the eager call and the reference."""
+    B, H, L, D = 2, 3, 9, 4
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    mask = _masks(B, L)[mask_name]
+    scale = _scale(scale_name, B, H, L)
+
+    def fn(q, k, v):
+        return attention(q, k, v, mask, scale=scale, is_causal=is_causal)
+
+    got = _run(_compiled(fn), q, k, v)
+    eager = _run(fn, q, k, v)
+    ref = _run(attention_reference, q, k, v, mask=mask, scale=scale, is_causal=is_causal)
+    for a, b, c in zip(got, eager, ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+        torch.testing.assert_close(a, c, **TOL[torch.float32])
+
+
+def test_compiled_attention_zeroes_fully_masked_rows():
+    B, H, L, D = 2, 2, 6, 4
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    bool_mask = padding_mask(torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]]))   # batch row 1: no key
+    float_mask = torch.zeros(L, L).masked_fill(~causal_mask(L), float("-inf"))
+    float_mask[2] = float("-inf")                                                     # query row 2: no key
+    for mask in (bool_mask, float_mask):
+        for scale in ("entropy", "standard"):
+            def fn(q, k, v, mask=mask, scale=scale):
+                return attention(q, k, v, mask, scale=scale)
+
+            out, *grads = _run(_compiled(fn), q, k, v)
+            ref, *ref_grads = _run(attention_reference, q, k, v, mask=mask, scale=scale)
+            assert torch.isfinite(out).all() and all(torch.isfinite(gr).all() for gr in grads)
+            torch.testing.assert_close(out, ref, **TOL[torch.float32])
+            for a, b in zip(grads, ref_grads):
+                torch.testing.assert_close(a, b, **TOL[torch.float32])
+    assert (_compiled(lambda q, k, v: attention(q, k, v, bool_mask))(q, k, v)[1] == 0).all()
+
+
+def test_masks_built_inside_a_compiled_function():
+    """A builder called inside the compiled region attaches nothing (a trace has no Python attributes);
+    attention() counts the rows from the mask instead. The builders' input checks may split the graph."""
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]])
+    am = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
+    q = torch.randn(2, 2, 7, 4, generator=torch.Generator().manual_seed(13))
+
+    def fn(q, seg, am):
+        return attention(q, q, q, unilm_mask(seg, am), scale="entropy")
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="aot_eager")(q, seg, am)
+    torch.testing.assert_close(got, attention_reference(q, q, q, unilm_mask(seg, am), scale="entropy"),
+                               **TOL[torch.float32])
+
+
+@pytest.mark.slow
+def test_transformer_compiles_to_one_graph_with_inductor():
+    """The whole model under the default backend (inductor, C++ on a CPU): one graph, and the same logits and
+    gradients as eager within float32 rounding."""
+    from kexue.nn import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(50, dim=32, depth=2, heads=2, attention_scale="entropy")
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(14))
+    seg = (torch.arange(16) >= torch.tensor([[5], [9]])).long()
+    mask = unilm_mask(seg, (torch.arange(16) < torch.tensor([[16], [13]])).long())
+    compiled = _compiled(model, backend="inductor")
+    results = []
+    for m in (compiled, model):
+        model.zero_grad()
+        logits = m(ids, mask=mask).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (lc, gc), (le, ge) = results
+    torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-4)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

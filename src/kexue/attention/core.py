@@ -40,10 +40,11 @@ from .masks import (
     _row_any,
     _row_counts,
     _tensor_identity,
+    _tracing,
     causal,
     render_mask,
 )
-from .scaling import ScaleArg, _check_base, _check_min_n, _row_multiplier
+from .scaling import ScaleArg, _check_base, _check_min_n, _logn_of_counts, _row_multiplier
 
 __all__ = ["attention", "attention_reference"]
 
@@ -80,7 +81,8 @@ def _check_numbers(min_n: float, base: float, dropout_p: float) -> None:
 
 
 def _check_common(scale: ScaleArg, min_n: float, base: float, dropout_p: float) -> None:
-    if type(min_n) in (int, float) and type(base) in (int, float) and type(dropout_p) in (int, float):
+    if type(min_n) in (int, float) and type(base) in (int, float) and type(dropout_p) in (int, float) \
+            and not _tracing():
         _check_numbers(min_n, base, dropout_p)
     else:                                   # anything else (bool, tensor, list...) is checked uncached
         _check_numbers.__wrapped__(min_n, base, dropout_p)
@@ -134,6 +136,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     :func:`~kexue.attention.masks.unilm_mask`, ``causal_mask``, ``prefix_lm_mask``, ``permutation_mask`` or
     ``padding_mask`` come attached to it (worked out from the segment ids / lengths / order, never read back
     from the mask); any other mask is read once and its counts kept with it.
+    Under ``torch.compile`` the call traces to one graph (no graph break): nothing is kept between calls, the
+    row counts are read from the mask by the compiled code, and the compiler fuses them, the float mask and
+    the q multiplier into a few kernels. A mask built inside the compiled function works too; the builders'
+    input checks may split the graph there, so build masks outside it (as a data loader would).
     ``dropout_p`` is applied as given (pass 0 in eval). With a ``generator`` the dropout is drawn from it and
     the computation falls back to :func:`attention_reference` (the fused kernel draws from the global RNG).
 
@@ -153,6 +159,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
                                is_causal=is_causal)
     if Lk == 0 or Lq == 0:                      # degenerate: every row is empty (output 0) or no rows
         return attention_reference(q, k, v, mask, scale, min_n=min_n, base=base, is_causal=is_causal)
+    if _tracing():
+        return _attention_traced(q, k, v, mask, scale, min_n, base, dropout_p, is_causal, (B, H, Lq, Lk, D))
     counts_needed = _needs_counts(scale)
 
     if mask is None:
@@ -189,6 +197,55 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return out
+
+
+def _attention_traced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None, scale: ScaleArg,
+                      min_n: float, base: float, dropout_p: float, is_causal: bool,
+                      dims: tuple[int, int, int, int, int]) -> Tensor:
+    """:func:`attention` while ``torch.compile`` traces it: tensor operations only -- no kept masks, no counts
+    attached by the builders, no data-dependent branch -- so a compiled model has no graph break here and the
+    compiler fuses the mask work (row counts, float mask) and the q multiplier into a few kernels. The same
+    values as the eager path (the log n factors are computed by the same float64 formula)."""
+    B, H, Lq, Lk, D = dims
+    entropy = isinstance(scale, str) and scale == "entropy"
+    if mask is None:
+        if entropy and not is_causal:
+            mult, s = None, math.log(max(Lk, min_n)) / math.log(base) / math.sqrt(D)
+        elif entropy:
+            mult = _causal_logn_table.__wrapped__(Lq, Lk, is_causal, float(min_n), float(base), q.dtype, q.device)
+            s = 1.0 / math.sqrt(D)
+        else:
+            counts = None
+            if _needs_counts(scale):
+                i = torch.arange(Lq, device=q.device)
+                counts = (i + 1).clamp_max(Lk) if is_causal else torch.full((Lq,), Lk, device=q.device)
+            mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
+        qs = q if mult is None else q * mult
+        return F.scaled_dot_product_attention(qs, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=s)
+
+    m4 = _mask4(mask, B, H, Lq, Lk, q.device)
+    allowed = m4 if m4.dtype == torch.bool else m4 > float("-inf")
+    if is_causal:
+        tri = render_mask(causal(0), 1, 1, Lq, Lk, q.device)
+        allowed = allowed & tri
+    counts = allowed.expand(*allowed.shape[:-1], Lk).sum(-1, keepdim=True)     # [B|1, H|1, Q|1, 1]
+    empty = counts == 0                 # rows that see no key: the kernel sees every key there, output 0 after
+    if m4.dtype == torch.bool:
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        attn_mask = torch.where(allowed | empty, zero, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+    else:
+        attn_mask = m4.to(q.dtype)
+        if is_causal:
+            attn_mask = attn_mask.masked_fill(~tri, float("-inf"))
+        attn_mask = attn_mask.masked_fill(empty, 0.0)
+    if entropy:
+        mult = _logn_of_counts(counts, base, min_n).to(q.dtype)
+        s = 1.0 / math.sqrt(D)
+    else:
+        mult, s = _row_multiplier(scale, counts[..., 0], D, min_n, base, q)
+    qs = q if mult is None else q * mult
+    out = F.scaled_dot_product_attention(qs, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=s)
+    return out.masked_fill(empty, 0.0)
 
 
 # What a mask costs beyond SDPA's own work, and how it is kept down:
@@ -308,8 +365,7 @@ def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causa
 @functools.lru_cache(maxsize=32)
 def _logn_lookup(k_len: int, min_n: float, base: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``[K + 1]`` table of ``log_base(max(n, min_n))`` for ``n = 0..K`` (computed in float64, stored in dtype)."""
-    n = torch.arange(k_len + 1, dtype=torch.float64)
-    return (torch.log(n.clamp_min(min_n)) / math.log(base)).to(dtype=dtype, device=device)
+    return _logn_of_counts(torch.arange(k_len + 1), base, min_n).to(dtype=dtype, device=device)
 
 
 def _entropy_multiplier(counts: Tensor, k_len: int, min_n: float, base: float, dtype: torch.dtype) -> Tensor:

@@ -80,12 +80,18 @@ def _rank(order: Tensor) -> Tensor:
     return rank.scatter_(-1, order, steps)
 
 
+def _tracing() -> bool:
+    """True while ``torch.compile`` (dynamo) traces the caller: the paths that keep data between calls (attached
+    row counts, kept float masks) are then skipped for plain tensor operations the compiler can fuse."""
+    return torch.compiler.is_compiling()
+
+
 def _tensor_identity(t: Tensor) -> tuple | None:
     """What a result derived from ``t`` stays valid for: its storage, version counter (bumped by every in-place
     change, also through views and ``detach()``), layout, dtype and device. A copy (``clone``, ``deepcopy``,
     pickling, ``.to(other device)``) has another storage and so another identity. None for an inference tensor
     (made under ``torch.inference_mode``): it has no version counter, so nothing derived from it is kept."""
-    if t.is_inference():
+    if _tracing() or t.is_inference():   # (while torch.compile traces, nothing is attached or kept either)
         return None
     return (t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device)
 
@@ -111,6 +117,8 @@ def _attached_counts(mask: Tensor, identity: tuple | None = None, *, as_4d: bool
     """The counts a builder attached to ``mask`` (shape ``mask.shape[:-1]``, or ``[B|1, H|1, Q, 1]`` with
     ``as_4d``), or None when there are none or the mask has changed since (in place, or it is a copy).
     ``identity`` is ``_tensor_identity(mask)`` when the caller has it already."""
+    if _tracing():                      # a traced graph cannot read Python attributes of its inputs
+        return None
     rec = mask.__dict__.get(_COUNTS_ATTR)
     if rec is None or rec[0] != (identity if identity is not None else _tensor_identity(mask)):
         return None                     # (an inference tensor has no record: _attach_counts leaves none)
@@ -649,6 +657,8 @@ def _row_counts(allowed: Tensor) -> Tensor:
     15x faster than the bool sum at L = 8192.
     """
     n = allowed.shape[-1]
+    if _tracing():                      # the compiler fuses the plain reduction; dtype views do not trace
+        return allowed.sum(-1)
     if n and n % 8 == 0 and allowed.stride(-1) == 1 and allowed.storage_offset() % 8 == 0 and \
             all(st % 8 == 0 for st, sz in zip(allowed.stride()[:-1], allowed.shape[:-1]) if sz > 1):
         try:

@@ -74,6 +74,12 @@ def logn_factor(n: float | Tensor, base: float = 512, min_n: float = 1) -> float
     return math.log(max(n, m)) / math.log(b)
 
 
+def _logn_of_counts(counts: Tensor, base: float, min_n: float) -> Tensor:
+    """``log(max(n, min_n)) / log(base)`` in float64 for internal key counts (>= 0, ``min_n`` >= 1 already
+    checked): :func:`logn_factor` without its data-dependent check, so it also traces under torch.compile."""
+    return torch.log(counts.double().clamp_min(float(min_n))) / math.log(base)
+
+
 def entropy_invariant_scale(n: float | Tensor, head_dim: int, base: float = 512,
                             min_n: float = 1) -> float | Tensor:
     """Entropy-invariant attention scale ``log(n) / log(base) / sqrt(head_dim)`` (kexue.fm/archives/8823).
@@ -161,8 +167,7 @@ def _row_multiplier(scale: ScaleArg, counts: Tensor | None, head_dim: int, min_n
             return None, inv
         if scale == "entropy":
             assert counts is not None
-            mult = logn_factor(counts.double(), base, min_n)     # float64, cast once at the end
-            return mult.to(like.dtype).unsqueeze(-1), inv
+            return _logn_of_counts(counts, base, min_n).to(like.dtype).unsqueeze(-1), inv
         raise ValueError(f"scale must be 'standard', 'entropy', a positive float, a tensor or a callable, "
                          f"got {scale!r}")
     if isinstance(scale, Tensor):

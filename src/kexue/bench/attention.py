@@ -181,14 +181,20 @@ def _rows_for_length(L: int, opts: BenchOptions) -> Iterator[BenchRow]:
                      (qg, kg, vg)),
             note="a new unilm_mask object every call")
 
+    # ---- the same calls under torch.compile (attention() traces to one graph; the compiler fuses the row
+    # counts, the float mask and the q multiplier), and the compiled model
+    if L <= (512 if opts.quick else 2048):
+        yield from _compiled_rows(L, q, k, v, seg, opts, tk)
+
     # ---- FlexAttention BlockMask vs dense bool mask (eager flex materialises the scores: small L only)
     if L <= (512 if opts.quick else 2048):
         yield from _flex_rows(L, q, k, v, seg, umask, opts, tk)
 
 
-def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict) -> BenchRow:
+def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict, compiled: bool = False) -> BenchRow:
     """A 4-layer Transformer (dim 128, 2 heads) forward on a fresh UniLM mask per call, Attention-E vs -O: the
-    row counts are taken once per forward (the first layer) and reused by the other layers."""
+    row counts are taken once per forward (the first layer) and reused by the other layers. ``compiled``: both
+    models under ``torch.compile`` (one graph each; the mask is built outside it, as a data loader would)."""
     from kexue.nn import Transformer
 
     dev = opts.device
@@ -197,6 +203,7 @@ def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict) -> Bench
         torch.manual_seed(0)
         models[scale] = Transformer(256, dim=128, depth=4, heads=2, attention_scale=scale).to(dev).eval()
     ids = torch.randint(0, 256, (1, L), generator=torch.Generator().manual_seed(1)).to(dev)
+    prefix, extra = "", {"note": "4 layers, dim 128, 2 heads; unilm_mask built anew in every call"}
 
     def fwd(scale: str) -> Callable[[], torch.Tensor]:
         def call() -> torch.Tensor:
@@ -204,9 +211,70 @@ def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict) -> Bench
                 return models[scale](ids, mask=unilm_mask(seg)).logits
         return call
 
+    if compiled:
+        prefix = "compiled "
+        try:
+            times = []
+            torch._dynamo.reset()
+            for scale in models:
+                models[scale] = torch.compile(models[scale], dynamic=False, fullgraph=True)
+                t0 = time.perf_counter()
+                fwd(scale)()
+                times.append(time.perf_counter() - t0)
+            extra["compile_s"] = " / ".join(f"{t:.1f}" for t in times)
+        except Exception as exc:  # no C++ toolchain on a CPU: report, never fake
+            return BenchRow(f"unilm model L={L} fwd", f"{prefix}Transformer(scale='entropy')", "same, scale='standard'",
+                            float("nan"), None, TARGET, {"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
     timing = compare(fwd("entropy"), fwd("standard"), device=dev, **tk)
-    return BenchRow.of(f"unilm model L={L} fwd", "Transformer(scale='entropy')", "same, scale='standard'", timing,
-                       TARGET, {"note": "4 layers, dim 128, 2 heads; unilm_mask built anew in every call"})
+    return BenchRow.of(f"unilm model L={L} fwd", f"{prefix}Transformer(scale='entropy')", "same, scale='standard'",
+                       timing, TARGET, extra)
+
+
+def _compiled_rows(L: int, q, k, v, seg, opts: BenchOptions, tk: dict) -> Iterator[BenchRow]:
+    """Each side compiled on its own (``torch.compile``, default backend, static shapes): entropy attention
+    against SDPA, causal and with a new UniLM mask per call, and the 4-layer model. The one-off compile times
+    are in ``extra``; a failed compile (no C++ toolchain on a CPU) is reported as such, never faked."""
+    dev = opts.device
+    next_mask = _in_turn([unilm_mask(seg), unilm_mask(seg)])
+    cases = [
+        (f"causal L={L} fwd", "compiled attention(entropy)", "compiled SDPA is_causal",
+         lambda q, k, v: attention(q, k, v, is_causal=True, scale="entropy"),
+         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), None),
+        (f"unilm mask L={L} fwd", "compiled attention(entropy) new mask", "compiled SDPA bool mask",
+         lambda q, k, v, m: attention(q, k, v, m, scale="entropy"),
+         lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), next_mask),
+    ]
+    for case, ours_name, peer_name, ours_fn, peer_fn, masks in cases:
+        try:
+            timing, compile_s = _compile_and_compare(ours_fn, peer_fn, (q, k, v), masks, dev, tk)
+            yield BenchRow.of(case, ours_name, peer_name, timing, TARGET, {"compile_s": compile_s})
+        except Exception as exc:  # compilation needs a working C++ toolchain on a CPU: report, never fake
+            yield BenchRow(case, ours_name, peer_name, float("nan"), None, TARGET,
+                           {"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    yield _model_row(L, seg, opts, tk, compiled=True)
+
+
+def _compile_and_compare(ours_fn: Callable, peer_fn: Callable, qkv: tuple, masks: Callable | None, dev: str,
+                         tk: dict):
+    """Compile each side (static shapes, one graph), time its first call (the compile), then compare; with
+    ``masks`` each call gets the side's next mask as a fourth argument."""
+    compiled = {}
+    compile_s = []
+    torch._dynamo.reset()             # (not between the two sides: a reset drops every compiled function)
+    for side, fn in (("ours", ours_fn), ("peer", peer_fn)):
+        compiled[side] = torch.compile(fn, dynamic=False, fullgraph=True)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled[side](*qkv, *(() if masks is None else (masks(side),)))
+        compile_s.append(time.perf_counter() - t0)
+
+    def call(side: str) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return compiled[side](*qkv, *(() if masks is None else (masks(side),)))
+        return run
+
+    return compare(call("ours"), call("peer"), device=dev, **tk), " / ".join(f"{t:.1f}" for t in compile_s)
 
 
 def _flex_rows(L: int, q, k, v, seg, umask, opts: BenchOptions, tk: dict) -> list[BenchRow]:

@@ -320,7 +320,9 @@ class Transformer(nn.Module):
         b, n = input_ids.shape
         if n == 0:
             raise ValueError("input_ids must have at least one position")
-        if input_ids.min() < 0 or input_ids.max() >= self.vocab_size:
+        # (skipped while torch.compile traces: a data-dependent check would split the graph in two; an id out of
+        # range then fails in the embedding lookup instead)
+        if not torch.compiler.is_compiling() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
             raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got range "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         if position_ids is None:
