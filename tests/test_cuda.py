@@ -81,6 +81,27 @@ def test_attention_on_cuda_matches_reference(dtype, mask_name, scale):
             assert torch.equal(got[1][-1], torch.zeros_like(got[1][-1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_attention_on_cuda_matches_reference(dtype):
+    """torch.compile (inductor, one graph): the traced path on the GPU kernels, empty rows included."""
+    B, H, L, D = 3, 4, 40, 64
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEV, dtype) for _ in range(3))
+    for mask_name, mask in _masks(B, L).items():
+        mask = _to(mask, DEV)
+        for is_causal in (False, True):
+            kw = dict(mask=mask, scale="entropy", is_causal=is_causal, min_n=4)
+            torch._dynamo.reset()                    # one compile per case, never the recompile limit
+            fn = torch.compile(lambda q, k, v, kw=kw: attention(q, k, v, **kw), fullgraph=True)
+            got = _run(fn, q, k, v)
+            want = _run(attention_reference, q, k, v, **kw)
+            for a, b in zip(got, want):
+                assert torch.isfinite(a).all()
+                torch.testing.assert_close(a, b, **TOL[dtype])
+            if mask_name.endswith("empty_rows"):
+                assert torch.equal(got[0][-1], torch.zeros_like(got[0][-1]))
+
+
 def test_cuda_matches_cpu_and_kept_mask_entries_follow_the_device():
     """fp32 on the GPU gives the CPU's numbers; one mask object used on both devices in turn is never served
     from the other device's kept entry."""
