@@ -206,6 +206,9 @@ def test_block_mask_path_matches_reference(scale):
     want = attention_reference(q, k, v, mask=mod, scale=scale, min_n=4)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[1], torch.zeros_like(got[1]))
+    with torch.no_grad():                                   # traced too: one graph, the same values
+        traced = _compiled(lambda q, k, v: attention(q, k, v, mask=bm, scale=scale, min_n=4))(q, k, v)
+    torch.testing.assert_close(traced, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="is_causal"):
         attention(q, k, v, mask=bm, is_causal=True)
     with pytest.raises(ValueError, match="built for"):
@@ -451,16 +454,23 @@ def _compiled(fn, backend="aot_eager"):
     return torch.compile(fn, backend=backend, fullgraph=True)
 
 
-COMPILE_CASES = [(name, "entropy", False) for name in _masks(2, 9)] + \
-    [("unilm_pad", s, False) for s in SCALES if s != "entropy"] + \
-    [("unilm_pad", "entropy", True), ("additive", "entropy", True), ("none", "entropy", True),
-     ("none", "lognscale", True)]
+COMPILE_CASES = [(name, "entropy", False, True) for name in _masks(2, 9)] + \
+    [("unilm_pad", s, False, True) for s in SCALES if s != "entropy"] + \
+    [("unilm_pad", "entropy", True, True), ("additive", "entropy", True, True), ("none", "entropy", True, True),
+     ("none", "lognscale", True, True)] + \
+    [(name, "entropy", causal_, False) for name, causal_ in (("unilm_pad", False), ("padding", True),
+                                                             ("additive", True), ("predicate", False))]
 
 
-@pytest.mark.parametrize("mask_name,scale_name,is_causal", COMPILE_CASES)
-def test_attention_traces_as_one_graph_and_matches_eager(mask_name, scale_name, is_causal):
+@pytest.mark.parametrize("mask_name,scale_name,is_causal,cpu_kernels", COMPILE_CASES)
+def test_attention_traces_as_one_graph_and_matches_eager(monkeypatch, mask_name, scale_name, is_causal,
+                                                         cpu_kernels):
     """Under torch.compile, attention() takes its tensor-only path (no kept masks, no attached counts): no
-    graph break, and the same values and gradients as the eager call and the reference."""
+    graph break, and the same values and gradients as the eager call and the reference. ``cpu_kernels``:
+    the CPU's opaque count/convert ops, or the plain torch ops a GPU trace uses."""
+    from kexue.attention import core
+
+    monkeypatch.setattr(core, "_TRACED_CPU_KERNELS", cpu_kernels)
     B, H, L, D = 2, 3, 9, 4
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
@@ -478,7 +488,14 @@ def test_attention_traces_as_one_graph_and_matches_eager(mask_name, scale_name, 
         torch.testing.assert_close(a, c, **TOL[torch.float32])
 
 
-def test_compiled_attention_zeroes_fully_masked_rows():
+@pytest.mark.parametrize("policy", ["kernel zeroes empty rows", "guard"])
+def test_compiled_attention_zeroes_fully_masked_rows(monkeypatch, policy):
+    """Rows with no visible key output 0 with zero gradients: from the kernel (the CPU's policy), or, for a
+    device without a known policy, by the guard (rows un-masked for the kernel, zeroed after)."""
+    from kexue.attention import core
+
+    if policy == "guard":
+        monkeypatch.setattr(core, "_EMPTY_ROWS_ZERO", {})
     B, H, L, D = 2, 2, 6, 4
     g = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))

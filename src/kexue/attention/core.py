@@ -203,9 +203,10 @@ def _attention_traced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | 
                       min_n: float, base: float, dropout_p: float, is_causal: bool,
                       dims: tuple[int, int, int, int, int]) -> Tensor:
     """:func:`attention` while ``torch.compile`` traces it: tensor operations only -- no kept masks, no counts
-    attached by the builders, no data-dependent branch -- so a compiled model has no graph break here and the
-    compiler fuses the mask work (row counts, float mask) and the q multiplier into a few kernels. The same
-    values as the eager path (the log n factors are computed by the same float64 formula)."""
+    attached by the builders, no data-dependent branch -- so a compiled model has no graph break here. On a GPU
+    the compiler fuses the mask work (row counts, float mask) and the q multiplier into a few kernels; on a CPU
+    the counts and the float mask come from the eager path's kernels, called as opaque ops. The same values as
+    the eager path (the log n factors are computed by the same float64 formula)."""
     B, H, Lq, Lk, D = dims
     entropy = isinstance(scale, str) and scale == "entropy"
     if mask is None:
@@ -228,24 +229,37 @@ def _attention_traced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | 
     if is_causal:
         tri = render_mask(causal(0), 1, 1, Lq, Lk, q.device)
         allowed = allowed & tri
-    counts = allowed.expand(*allowed.shape[:-1], Lk).sum(-1, keepdim=True)     # [B|1, H|1, Q|1, 1]
-    empty = counts == 0                 # rows that see no key: the kernel sees every key there, output 0 after
+    # the device is fixed in a trace: the same empty-row policy as the eager path, and on a CPU the eager path's
+    # own kernels (masks._row_counts_op / _additive_op: faster there than what inductor generates)
+    guard = _EMPTY_ROWS_ZERO.get(q.device.type) is None
+    kernels = q.is_cpu and _TRACED_CPU_KERNELS
+    counts = empty = None
+    if _needs_counts(scale) or guard:
+        rows = allowed.expand(*allowed.shape[:-1], Lk)
+        counts = (torch.ops.kexue.row_counts(rows) if kernels else rows.sum(-1)).unsqueeze(-1)  # [B|1,H|1,Q|1,1]
+        if guard:               # rows that see no key: the kernel sees every key there, output 0 after
+            empty = counts == 0
     if m4.dtype == torch.bool:
-        zero = torch.zeros((), dtype=q.dtype, device=q.device)
-        attn_mask = torch.where(allowed | empty, zero, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+        ok = allowed if empty is None else allowed | empty
+        if kernels:
+            attn_mask = torch.ops.kexue.to_additive(ok, q.dtype)
+        else:
+            attn_mask = torch.where(ok, torch.zeros((), dtype=q.dtype, device=q.device),
+                                    torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
     else:
         attn_mask = m4.to(q.dtype)
         if is_causal:
             attn_mask = attn_mask.masked_fill(~tri, float("-inf"))
-        attn_mask = attn_mask.masked_fill(empty, 0.0)
+        if empty is not None:
+            attn_mask = attn_mask.masked_fill(empty, 0.0)
     if entropy:
         mult = _logn_of_counts(counts, base, min_n).to(q.dtype)
         s = 1.0 / math.sqrt(D)
     else:
-        mult, s = _row_multiplier(scale, counts[..., 0], D, min_n, base, q)
+        mult, s = _row_multiplier(scale, None if counts is None else counts[..., 0], D, min_n, base, q)
     qs = q if mult is None else q * mult
     out = F.scaled_dot_product_attention(qs, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=s)
-    return out.masked_fill(empty, 0.0)
+    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 # What a mask costs beyond SDPA's own work, and how it is kept down:
@@ -288,6 +302,11 @@ _ADDITIVE_MAX_ELEMENTS = 1 << 22  # 16 MB in fp32: L = 2048 with one mask per ba
 _EMPTY_ROWS_ZERO: dict[str, str] = {"cpu": "any"}
 if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit()) >= (2, 11):
     _EMPTY_ROWS_ZERO["cuda"] = "additive"     # seen on torch 2.11; older releases take the guard
+
+
+# attention() under torch.compile on a CPU calls the eager kernels as opaque ops (see masks._row_counts_op);
+# False makes it use the plain torch ops it uses on other devices (the tests run that path on a CPU too)
+_TRACED_CPU_KERNELS = True
 
 
 def _clear_mask_stats_cache() -> None:
