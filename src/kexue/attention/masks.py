@@ -82,7 +82,7 @@ def _rank(order: Tensor) -> Tensor:
 
 def _tracing() -> bool:
     """True while ``torch.compile`` (dynamo) traces the caller: the paths that keep data between calls (attached
-    row counts, kept float masks) are then skipped for plain tensor operations the compiler can fuse."""
+    row counts, kept float masks) are then skipped; only tensor operations go into the graph."""
     return torch.compiler.is_compiling()
 
 
@@ -657,8 +657,8 @@ def _row_counts(allowed: Tensor) -> Tensor:
     15x faster than the bool sum at L = 8192.
     """
     n = allowed.shape[-1]
-    if _tracing():                      # the compiler fuses the plain reduction; dtype views do not trace
-        return allowed.sum(-1)
+    if _tracing():                      # in a graph, the plain reduction (attention() on a CPU calls this
+        return allowed.sum(-1)          # function through the opaque op _row_counts_op instead)
     if n and n % 8 == 0 and allowed.stride(-1) == 1 and allowed.storage_offset() % 8 == 0 and \
             all(st % 8 == 0 for st, sz in zip(allowed.stride()[:-1], allowed.shape[:-1]) if sz > 1):
         try:

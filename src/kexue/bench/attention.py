@@ -9,7 +9,11 @@
    (every later layer).
    Target: at most 1.05x the time of plain SDPA, i.e. a "speedup" column >= 0.95. Forward passes, plus
    forward+backward at L <= 2048 (L = 512 with ``--quick``), plus a whole 4-layer model.
-2. The same UniLM mask as a FlexAttention ``BlockMask`` (:func:`kexue.attention.to_block_mask`) through
+2. The same under ``torch.compile`` (each side compiled on its own, static shapes, one graph; one-off compile
+   times in ``extra``): causal, a new UniLM mask per call, and the 4-layer model, at L <= 2048 (L = 512 with
+   ``--quick``). On a GPU this is where the per-row factor can cost nothing: the compiler fuses the multiply
+   into the kernels around it.
+3. The same UniLM mask as a FlexAttention ``BlockMask`` (:func:`kexue.attention.to_block_mask`) through
    ``flex_attention`` against SDPA with the dense bool mask. On CPU, flex runs eagerly (it materialises the
    scores, "debug only") unless compiled; without ``--quick`` we also time ``torch.compile(flex_attention)``
    and report its one-off compile time. Flex has no backward on CPU, so these rows are forward only; they
