@@ -554,3 +554,24 @@ def test_transformer_compiles_to_one_graph_with_inductor():
     torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-4)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("is_causal,dtype", [(True, torch.float32), (False, torch.float64)])
+def test_a_learnt_float_mask_gets_its_gradient_on_every_call(is_causal, dtype):
+    """A float mask that requires grad (a learnt attention bias) whose conversion attention() would keep (it
+    is made causal, or cast to q's dtype): converted per call instead, so a no-grad call first, or two training
+    steps in a row, still give the bias its gradient -- equal to the reference's every time."""
+    g = torch.Generator().manual_seed(22)
+    q = torch.randn(1, 2, 6, 4, generator=g).to(dtype)
+    bias = torch.nn.Parameter(torch.randn(1, 1, 6, 6, generator=g))
+    with torch.no_grad():
+        attention(q, q, q, bias, is_causal=is_causal, scale="entropy")
+    for _ in range(2):
+        bias.grad = None
+        out = attention(q, q, q, bias, is_causal=is_causal, scale="entropy")
+        assert out.requires_grad
+        out.square().sum().backward()
+        got = bias.grad.clone()
+        bias.grad = None
+        attention_reference(q, q, q, bias, is_causal=is_causal, scale="entropy").square().sum().backward()
+        torch.testing.assert_close(got, bias.grad, **TOL[torch.float32])

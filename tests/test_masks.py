@@ -213,6 +213,13 @@ def test_sliding_window_and_combinators(w):
     assert torch.equal(either, band | causal_mask(L))
     with pytest.raises(ValueError, match="window must be >= 1"):
         sliding_window_mask(0)
+    # a kv-cache: Q = 3 queries at the last positions of K = 7 keys, offset K - Q for both predicates
+    Q, off = 3, L - 3
+    cached = render_mask(and_masks(causal(off), sliding_window_mask(w, off)), 1, 1, Q, L)[0, 0]
+    assert torch.equal(cached, _brute(Q, L, lambda i, j: 0 <= i + off - j < w))
+    assert torch.equal(cached, local[off:])                  # the last rows of the full local mask
+    with pytest.raises(TypeError, match="offset"):
+        sliding_window_mask(2, 1.5)
 
 
 def test_render_shapes_full_and_from_dense():

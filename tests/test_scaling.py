@@ -172,3 +172,48 @@ def test_attention_entropy_with_entropy_scale_uses_per_row_scale():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     # Attention-E has the smaller scale at n < 512, so its rows are flatter (higher entropy) than Attention-O
     assert (got >= attention_entropy(q, k, is_causal=True) - 1e-6).all()
+
+
+def test_attention_entropy_adds_the_finite_values_of_an_additive_mask():
+    """A float mask is a bias as well as a mask (as in attention()): its finite values shift the logits."""
+    g = torch.Generator().manual_seed(21)
+    q, k = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = 3 * torch.randn(5, 5, generator=g, dtype=torch.float64)
+    bias[1, 2:] = float("-inf")                                           # row 1 sees keys 0 and 1 only
+    p = torch.softmax((q @ k.transpose(-1, -2)) / 2 + bias, dim=-1)
+    want = -torch.where(p > 0, p * p.log(), torch.zeros((), dtype=torch.float64)).sum(-1)
+    got = attention_entropy(q, k, bias)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, attention_entropy(q, k, bias > float("-inf")))   # the bias matters
+
+
+def test_non_finite_and_negative_arguments_are_rejected():
+    q = torch.randn(1, 1, 4, 8)
+    for kw in (dict(scale=float("inf")), dict(scale="entropy", min_n=float("inf")),
+               dict(scale="entropy", base=float("inf"))):
+        with pytest.raises(ValueError, match="finite"):
+            attention(q, q, q, **kw)
+    with pytest.raises(ValueError, match="head_dim"):
+        entropy_invariant_scale(64, float("inf"))
+    with pytest.raises(ValueError, match="finite"):
+        entropy_invariant_scale(float("inf"), 64)
+    with pytest.raises(ValueError, match="finite"):
+        logn_factor(torch.tensor([4.0, float("inf")]))
+    with pytest.raises(ValueError, match=">= 0"):
+        logn_factor(-5, min_n=16)                     # flooring does not make a negative count valid
+    with pytest.raises(ValueError, match=">= 0"):
+        logn_factor(torch.tensor([3, -1]), min_n=16)
+    for kw, match in ((dict(base=1), "base"), (dict(base=-5), "base"), (dict(min_n=0), "min_n"),
+                      (dict(min_n=float("nan")), "min_n")):
+        with pytest.raises(ValueError, match=match):
+            attention_entropy(q, q, **kw)
+
+
+def test_scale_tensors_and_callables_of_the_wrong_shape_are_rejected():
+    q = torch.randn(1, 2, 8, 4)
+    for bad in (torch.ones(3), torch.ones(2, 1, 1, 1), torch.ones(1, 2, 8, 4)):
+        with pytest.raises(ValueError, match=r"scale tensor must broadcast to \[B, H, Q, 1\]"):
+            attention(q, q, q, scale=bad)
+    with pytest.raises(ValueError, match="callable scale's result must broadcast"):
+        attention(q, q, q, scale=lambda counts: torch.ones(5), is_causal=True)
+    attention(q, q, q, scale=torch.ones(8, 1))                      # broadcastable shapes still work

@@ -170,7 +170,14 @@ def test_bad_input_raises():
         Transformer(10, dim=16, depth=1, heads=2, attention=3)
     with pytest.raises(ValueError, match="scale"):
         SoftmaxAttention("log")
+    with pytest.raises(ValueError, match="min_n"):
+        SoftmaxAttention("entropy", min_n=0.5)
+    with pytest.raises(ValueError, match="base"):
+        SoftmaxAttention("entropy", base=1)
+    assert SoftmaxAttention("entropy", min_n=12.5, base=600.7).base == 600.7      # kept as given, not int()
     m = Transformer(10, dim=16, depth=1, heads=2)
+    with pytest.raises(ValueError, match="attention_mask must hold 1"):
+        m(torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[1, 2, 0]]))
     with pytest.raises(ValueError, match="input_ids"):
         m(torch.tensor([[1, 2, 10]]))
     with pytest.raises(TypeError, match="input_ids"):

@@ -24,12 +24,14 @@ def check_tensor(name: str, value: Any, *, floating: bool | None = None, min_dim
 
 
 def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    """Raise unless ``value`` is a real number > 0 (or >= 0 with ``allow_zero``)."""
+    """Raise unless ``value`` is a finite real number > 0 (or >= 0 with ``allow_zero``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if value != value or (value < 0 if allow_zero else value <= 0):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value}")
+    if value == float("inf"):
+        raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 
 

@@ -127,12 +127,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     a predicate ``mod(b, h, q_idx, kv_idx)`` (rendered here to a dense bool mask for SDPA), a FlexAttention
     ``BlockMask`` from :func:`~kexue.attention.masks.to_block_mask` (runs ``flex_attention``: eager and
     forward-only on CPU, fused under ``torch.compile`` on GPU; per-row counts for ``"entropy"`` are read by
-    evaluating its predicate in row chunks), or ``None``. Fully masked rows output 0.
+    evaluating its predicate in row chunks), or ``None``. Fully masked rows output 0. In an additive float mask
+    only ``-inf`` hides a key: masks made the Hugging Face way, with ``torch.finfo(dtype).min`` for padding, let
+    those keys count towards ``n_i`` -- pass ``mask > torch.finfo(mask.dtype).min`` (a bool mask) instead.
     A bool mask is handed to SDPA in its additive float form, converted here by
     :func:`~kexue.attention.masks.to_additive_mask` (less than half the cost, on a CPU, of the conversion SDPA
     itself makes on every call); the converted mask is kept while the same tensor keeps coming (as a model passes one
     mask to every layer: one conversion per forward; at most 4M elements, i.e. 16 MB in fp32; dropped when
-    another mask comes or the tensor is changed in place). The per-row key counts of a mask built by
+    another mask comes or the tensor is changed in place; a change made behind autograd's back -- through
+    ``.data``, numpy or DLPack -- bumps no version counter and is not seen: pass a new tensor instead). A float
+    mask that requires grad (a learnt bias) is converted per call, never kept. The per-row key counts of a mask built by
     :func:`~kexue.attention.masks.unilm_mask`, ``causal_mask``, ``prefix_lm_mask``, ``permutation_mask`` or
     ``padding_mask`` come attached to it (worked out from the segment ids / lengths / order, never read back
     from the mask); any other mask is read once and its counts kept with it.
@@ -376,7 +380,8 @@ def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causa
             ready = ready | empty if is_bool else ready.masked_fill(empty, 0.0)
         if is_bool:             # converted here: cheaper than the conversion SDPA makes inside the call
             ready = _additive(ready, dtype)
-        if entry["ref"] is not None and ready.numel() <= _ADDITIVE_MAX_ELEMENTS:
+        # (not a float mask that takes gradients, e.g. a learnt bias: its converted form belongs to one graph)
+        if entry["ref"] is not None and ready.numel() <= _ADDITIVE_MAX_ELEMENTS and not m4.requires_grad:
             entry["ready"][dtype] = ready   # type: ignore[index]
     return ready, entry["counts"], empty   # type: ignore[return-value]
 

@@ -321,23 +321,31 @@ def padding(attention_mask: Tensor) -> MaskMod:
     return mod
 
 
-def sliding_window_mask(window: int) -> MaskMod:
-    """Band predicate ``|q_idx - kv_idx| < window`` (each query sees keys within ``window - 1`` positions).
+def sliding_window_mask(window: int, offset: int = 0) -> MaskMod:
+    """Band predicate ``|q_idx + offset - kv_idx| < window`` (each query sees keys within ``window - 1``
+    positions of its own).
 
     Symmetric on purpose: ``and_masks(causal(), sliding_window_mask(w))`` is the causal local window of
-    ``w`` keys including the query itself; on its own it is a bidirectional local window.
+    ``w`` keys including the query itself; on its own it is a bidirectional local window. ``offset`` places
+    query ``i`` at key position ``i + offset``, as :func:`causal` does: with a kv-cache (``K > Q``, the queries
+    being the last positions) pass ``offset = K - Q`` to both.
 
     Example:
         >>> render_mask(and_masks(causal(), sliding_window_mask(2)), 1, 1, 3, 3)[0, 0].int().tolist()
         [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+        >>> render_mask(and_masks(causal(3), sliding_window_mask(2, 3)), 1, 1, 2, 5)[0, 0].int().tolist()
+        [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
     """
     if isinstance(window, bool) or not isinstance(window, int):
         raise TypeError(f"window must be an int, got {type(window).__name__}")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
 
     def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return ((q_idx - kv_idx) < window) & ((kv_idx - q_idx) < window)
+        pos = q_idx + offset
+        return ((pos - kv_idx) < window) & ((kv_idx - pos) < window)
 
     return mod
 

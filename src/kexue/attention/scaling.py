@@ -32,11 +32,15 @@ def _check_n(n: float | int | Tensor) -> None:
             raise TypeError(f"n must be a real number or a real tensor, got dtype {n.dtype}")
         if n.numel() and not bool((n >= 1).all()):
             raise ValueError(f"n must be >= 1 (a count of keys), got min {n.min().item()}")
+        if n.numel() and n.is_floating_point() and not bool(torch.isfinite(n).all()):
+            raise ValueError(f"n must be finite, got max {n.max().item()}")
         return
     if isinstance(n, bool) or not isinstance(n, (int, float)):
         raise TypeError(f"n must be a number or a tensor, got {type(n).__name__}")
     if not n >= 1:
         raise ValueError(f"n must be >= 1 (a count of keys), got {n}")
+    if n == float("inf"):
+        raise ValueError(f"n must be finite, got {n}")
 
 
 def _check_base(base: float) -> float:
@@ -66,10 +70,14 @@ def logn_factor(n: float | Tensor, base: float = 512, min_n: float = 1) -> float
     b = _check_base(base)
     m = _check_min_n(min_n)
     if isinstance(n, Tensor):
+        if n.numel() and not n.is_complex() and n.dtype != torch.bool and not bool((n >= 0).all()):
+            raise ValueError(f"n must be >= 0 (a count of keys), got min {n.min().item()}")
         nn_ = n.double().clamp_min(m)
         _check_n(nn_)
         out = torch.log(nn_) / math.log(b)
         return out if n.dtype == torch.float64 else out.float()
+    if isinstance(n, (int, float)) and not isinstance(n, bool) and n < 0:
+        raise ValueError(f"n must be >= 0 (a count of keys), got {n}")
     _check_n(max(n, m) if isinstance(n, (int, float)) and not isinstance(n, bool) else n)
     return math.log(max(n, m)) / math.log(b)
 
@@ -96,8 +104,8 @@ def entropy_invariant_scale(n: float | Tensor, head_dim: int, base: float = 512,
     """
     if isinstance(head_dim, bool) or not isinstance(head_dim, (int, float)):
         raise TypeError(f"head_dim must be a number, got {type(head_dim).__name__}")
-    if not head_dim > 0:
-        raise ValueError(f"head_dim must be > 0, got {head_dim}")
+    if not 0 < head_dim < float("inf"):
+        raise ValueError(f"head_dim must be a finite number > 0, got {head_dim}")
     _check_n(n)
     return logn_factor(n, base, min_n) / math.sqrt(head_dim)
 
@@ -154,6 +162,17 @@ def keys_per_row(mask: Tensor | MaskMod | None, q_len: int, k_len: int, *, is_ca
     return counts.clamp_min(min_n) if min_n else counts
 
 
+def _check_row_shape(name: str, mult: Tensor, like: Tensor) -> None:
+    """A per-row multiplier must broadcast to ``[B, H, Q, 1]`` of ``like`` (q) without growing it."""
+    want = (*like.shape[:-1], 1)
+    try:
+        ok = mult.dim() <= 4 and tuple(torch.broadcast_shapes(tuple(mult.shape), want)) == want
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must broadcast to [B, H, Q, 1] = {list(want)}, got shape {tuple(mult.shape)}")
+
+
 def _row_multiplier(scale: ScaleArg, counts: Tensor | None, head_dim: int, min_n: float, base: float,
                     like: Tensor) -> tuple[Tensor | None, float]:
     """Resolve ``scale`` into (per-row q multiplier or None, scalar scale for the kernel).
@@ -173,6 +192,7 @@ def _row_multiplier(scale: ScaleArg, counts: Tensor | None, head_dim: int, min_n
     if isinstance(scale, Tensor):
         if not scale.is_floating_point():
             raise TypeError(f"scale tensor must be floating point, got dtype {scale.dtype}")
+        _check_row_shape("scale tensor", scale, like)
         return scale.to(like.dtype), 1.0
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         return None, check_positive("scale", scale)
@@ -181,6 +201,7 @@ def _row_multiplier(scale: ScaleArg, counts: Tensor | None, head_dim: int, min_n
         mult = scale(counts)
         if not isinstance(mult, Tensor):
             raise TypeError(f"a callable scale must return a tensor, got {type(mult).__name__}")
+        _check_row_shape("a callable scale's result", mult, like)
         return mult.to(like.dtype), inv
     raise TypeError(f"scale must be 'standard', 'entropy', a float, a tensor or a callable, got "
                     f"{type(scale).__name__}")
@@ -202,6 +223,8 @@ def attention_entropy(q: Tensor, k: Tensor, mask: Tensor | MaskMod | None = None
     """
     check_tensor("q", q, floating=True, dim=4)
     check_tensor("k", k, floating=True, dim=4)
+    _check_min_n(min_n)
+    _check_base(base)
     B, H, Lq, D = q.shape
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(f"k must have shape [B, H, K, D] = [{B}, {H}, K, {D}], got {tuple(k.shape)}")
@@ -214,6 +237,9 @@ def attention_entropy(q: Tensor, k: Tensor, mask: Tensor | MaskMod | None = None
     logits = (qf @ kf.transpose(-1, -2)) * s
     if mult is not None:
         logits = logits * mult
+    if isinstance(mask, Tensor) and mask.is_floating_point():   # an additive mask's finite values are a bias
+        bias = mask.to(device=q.device, dtype=cd)
+        logits = logits + torch.where(bias > float("-inf"), bias, torch.zeros((), dtype=cd, device=q.device))
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     logp = torch.log_softmax(logits, dim=-1)

@@ -41,6 +41,7 @@ from torch import nn
 
 from kexue._checks import check_choice, check_positive, check_tensor, compute_dtype
 from kexue.attention import attention, attention_entropy, causal_mask
+from kexue.attention.scaling import _check_base, _check_min_n
 
 ATTENTION_SCALES = ("standard", "entropy")
 NORMS = ("pre", "post")
@@ -111,15 +112,15 @@ class SoftmaxAttention(nn.Module):
         (torch.Size([1, 2, 8, 16]), torch.Size([1, 2, 8]))
     """
 
-    def __init__(self, scale: str | float = "standard", min_n: int = 16, base: int = 512) -> None:
+    def __init__(self, scale: str | float = "standard", min_n: float = 16, base: float = 512) -> None:
         super().__init__()
         if isinstance(scale, str):
             check_choice("scale", scale, ATTENTION_SCALES)
         else:
             check_positive("scale", scale)
-        check_positive("min_n", min_n)
-        check_positive("base", base)
-        self.scale, self.min_n, self.base = scale, int(min_n), int(base)
+        _check_min_n(min_n)
+        _check_base(base)
+        self.scale, self.min_n, self.base = scale, min_n, base
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -305,6 +306,10 @@ class Transformer(nn.Module):
             if attention_mask.shape != (batch, length):
                 raise ValueError(f"attention_mask must be [B, L]=[{batch}, {length}], "
                                  f"got {tuple(attention_mask.shape)}")
+            if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling() and \
+                    not bool(((attention_mask == 0) | (attention_mask == 1)).all()):   # (not while tracing)
+                raise ValueError("attention_mask must hold 1 (a token) and 0 (padding) only, got values "
+                                 f"{sorted(set(attention_mask.unique().tolist()))[:6]}")
             pad = attention_mask.to(device).bool()[:, None, None, :]
             mask = pad if mask is None else mask & pad
         if is_causal and mask is not None:
