@@ -349,6 +349,31 @@ def test_manifold_mixup_picks_one_named_layer_per_step():
     assert torch.equal(t, y)
 
 
+def test_manifold_mixup_raises_when_the_armed_layer_never_ran():
+    """A mix armed but never applied (no forward pass between two steps, or hooks the compiled model cannot
+    see) would train on mixed targets with unmixed inputs: the next step raises instead, once."""
+    x, y = torch.randn(5, 4), torch.arange(5)
+    mm = ManifoldMixup(Net(), ["fc1"], generator=gen(1))
+    mm(x, y)
+    with pytest.raises(RuntimeError, match="never run by a forward pass"):
+        mm(x, y)
+    xin, t = mm(x, y)                                      # the error cleared the stale arming
+    mm.model(xin)
+    assert mm.last_layer == "fc1"
+
+    net = Net()
+    compiled = torch.compile(net, backend="eager")
+    torch._dynamo.reset()
+    compiled(x)                                            # compiled and run before the hooks exist
+    late = ManifoldMixup(net, ["fc1"], generator=gen(2))
+    xin, t = late(x, y)
+    compiled(xin)                  # torch's default guards: the compiled code does not run the new hook
+    if late.last_layer is None:
+        with pytest.raises(RuntimeError, match="torch.compile"):
+            late(x, y)
+    late.remove()
+
+
 def test_manifold_mixup_bad_layers():
     with pytest.raises(ValueError, match="no submodule 'nope'"):
         ManifoldMixup(Net(), ["nope"])

@@ -651,7 +651,9 @@ class ManifoldMixup:
     is allowed and mixes the input itself), and arms the hook of that layer for the *next* forward pass
     only: that layer's output is replaced by ``lam * h + (1 - lam) * h[perm]``; every other layer runs
     untouched. It returns ``(x, MixedTargets)``, so it drops into ``fit(batch_transform=...)`` with
-    :func:`mixed_loss`. :meth:`remove` takes the hooks off.
+    :func:`mixed_loss`. :meth:`remove` takes the hooks off. With ``torch.compile``, create it before the
+    compiled model's first call: the compiled code does not see hooks added afterwards (a later
+    ``batch_transform`` then raises, rather than train on mixed targets with unmixed inputs).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -707,6 +709,14 @@ class ManifoldMixup:
         _check_labels("y", y, self.num_classes)
         if not self.model.training:
             return x, y
+        if self._armed is not None:         # the previous batch's mix never happened: its targets were wrong
+            layer = self._armed[0]
+            self._armed = None
+            raise RuntimeError(
+                f"manifold mixup: layer {layer!r}, armed by the previous batch_transform, was never run by a "
+                "forward pass, so that batch trained on mixed targets with unmixed inputs. Run one forward "
+                "pass of the model after each batch_transform; if the model is compiled, create the "
+                "ManifoldMixup before the first call of torch.compile(model) (hooks added later are not seen).")
         gen = generator if generator is not None else self.generator
         gen_device = gen.device if gen is not None else torch.device("cpu")
         idx = int(torch.randint(0, len(self.layers), (), generator=gen, device=gen_device))
