@@ -207,3 +207,26 @@ def test_forward_under_inference_mode_equals_no_grad():
     with torch.inference_mode():
         got = model(ids, mask=unilm_mask(seg)).logits
     torch.testing.assert_close(got, want)
+
+
+def test_learnable_scale_starts_at_attention_e_and_trains_per_layer():
+    """attention_scale="learnable": one LogNScale (learnable, per head) per layer, s = 1 at the start, so the
+    model starts exactly where Attention-E does; the factors get gradients and are trainable parameters."""
+    from kexue.attention import LogNScale
+
+    ids = torch.randint(0, 20, (2, 9), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    learn = Transformer(20, dim=16, depth=2, heads=2, attention_scale="learnable")
+    torch.manual_seed(0)
+    ent = Transformer(20, dim=16, depth=2, heads=2, attention_scale="entropy")
+    scales = [m for m in learn.modules() if isinstance(m, LogNScale)]
+    assert len(scales) == 2 and scales[0] is not scales[1] and all(s.learnable for s in scales)
+    assert learn.num_parameters() == ent.num_parameters() + 2 * 2
+    out = learn(ids, is_causal=True, return_entropy=True)
+    torch.testing.assert_close(out.logits, ent(ids, is_causal=True).logits, rtol=1e-5, atol=1e-5)
+    out.logits.square().mean().backward()
+    assert all(s.s.grad is not None and s.s.grad.abs().sum() > 0 for s in scales)
+    attn = SoftmaxAttention(LogNScale(2, learnable=True))
+    assert any(p is attn.scale.s for p in attn.parameters())
+    with pytest.raises(ValueError, match="scale"):
+        SoftmaxAttention("learnable")                 # a name for the model's option, not a scale by itself

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kexue._checks import check_choice, check_positive, check_tensor, compute_dtype
-from kexue.attention import attention, attention_entropy, causal_mask
+from kexue.attention import LogNScale, attention, attention_entropy, causal_mask
 from kexue.attention.scaling import _check_base, _check_min_n
 
-ATTENTION_SCALES = ("standard", "entropy")
+ATTENTION_SCALES = ("standard", "entropy", "learnable")
 NORMS = ("pre", "post")
 
 
@@ -103,7 +103,9 @@ def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, base: float = 10000.
 class SoftmaxAttention(nn.Module):
     """Softmax attention over SDPA with ``scale="standard"`` (1/sqrt(d), "Attention-O") or ``"entropy"``
     (``log_base(n)/sqrt(d)`` with ``n`` the number of keys a row may see, floored at ``min_n``;
-    "Attention-E" of kexue.fm/archives/8823), or a fixed float.
+    "Attention-E" of kexue.fm/archives/8823), a fixed float, or a :class:`~kexue.attention.LogNScale`
+    module (kept as a submodule, so a learnable per-head factor trains with the model; its own ``base`` and
+    ``min_n`` apply).
 
     Example:
         >>> attn = SoftmaxAttention("entropy")
@@ -112,11 +114,11 @@ class SoftmaxAttention(nn.Module):
         (torch.Size([1, 2, 8, 16]), torch.Size([1, 2, 8]))
     """
 
-    def __init__(self, scale: str | float = "standard", min_n: float = 16, base: float = 512) -> None:
+    def __init__(self, scale: str | float | LogNScale = "standard", min_n: float = 16, base: float = 512) -> None:
         super().__init__()
         if isinstance(scale, str):
-            check_choice("scale", scale, ATTENTION_SCALES)
-        else:
+            check_choice("scale", scale, ("standard", "entropy"))
+        elif not isinstance(scale, LogNScale):
             check_positive("scale", scale)
         _check_min_n(min_n)
         _check_base(base)
@@ -134,6 +136,8 @@ class SoftmaxAttention(nn.Module):
                                  base=self.base)
 
     def extra_repr(self) -> str:
+        if isinstance(self.scale, LogNScale):
+            return ""                        # the LogNScale child module prints its own settings
         return f"scale={self.scale!r}, min_n={self.min_n}, base={self.base}"
 
 
@@ -214,8 +218,10 @@ class Transformer(nn.Module):
         vocab_size: number of tokens.
         dim, depth, heads, mlp_ratio: width, number of blocks, attention heads, MLP expansion.
         norm: ``"pre"`` (default) or ``"post"`` (BERT-style, with a LayerNorm on the embeddings).
-        attention_scale: ``"standard"`` (Attention-O) or ``"entropy"`` (Attention-E, kexue.fm/archives/8823)
-            for the default :class:`SoftmaxAttention`; ``min_n`` and ``scale_base`` tune the latter.
+        attention_scale: ``"standard"`` (Attention-O), ``"entropy"`` (Attention-E, kexue.fm/archives/8823)
+            or ``"learnable"`` (beyond the article: a per-head factor ``s_h * log_base(n)`` per layer,
+            :class:`~kexue.attention.LogNScale` with ``learnable=True``, starting at Attention-E) for the
+            default :class:`SoftmaxAttention`; ``min_n`` and ``scale_base`` tune the latter two.
         attention: one attention callable shared by every block (see the module docstring for the
             interface); overrides ``attention_scale``.
         attention_factory: ``f(layer_index) -> attention`` to build one attention module per block.
@@ -238,8 +244,8 @@ class Transformer(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
                  norm: str = "pre", attention_scale: str = "standard", attention: Callable | None = None,
-                 attention_factory: Callable[[int], Callable] | None = None, min_n: int = 16,
-                 scale_base: int = 512, rope_base: float = 10000.0, dropout: float = 0.0) -> None:
+                 attention_factory: Callable[[int], Callable] | None = None, min_n: float = 16,
+                 scale_base: float = 512, rope_base: float = 10000.0, dropout: float = 0.0) -> None:
         super().__init__()
         for name, val in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -259,7 +265,10 @@ class Transformer(nn.Module):
             raise TypeError(f"attention_factory must be callable, got {type(attention_factory).__name__}")
         self.vocab_size, self.dim, self.depth, self.heads, self.norm = vocab_size, dim, depth, heads, norm
         self.attention_scale = attention_scale
-        if attention_factory is None:
+        if attention_factory is None and attention is None and attention_scale == "learnable":
+            def attention_factory(i: int) -> SoftmaxAttention:      # one set of per-head factors per layer
+                return SoftmaxAttention(LogNScale(heads, learnable=True, base=scale_base, min_n=min_n))
+        elif attention_factory is None:
             shared = attention if attention is not None else SoftmaxAttention(attention_scale, min_n, scale_base)
             attention_factory = lambda i: shared  # noqa: E731
         self.tok_emb = nn.Embedding(vocab_size, dim)
