@@ -140,10 +140,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     :func:`~kexue.attention.masks.unilm_mask`, ``causal_mask``, ``prefix_lm_mask``, ``permutation_mask`` or
     ``padding_mask`` come attached to it (worked out from the segment ids / lengths / order, never read back
     from the mask); any other mask is read once and its counts kept with it.
-    Under ``torch.compile`` the call traces to one graph (no graph break): nothing is kept between calls, the
-    row counts are read from the mask by the compiled code, and the compiler fuses them, the float mask and
-    the q multiplier into a few kernels. A mask built inside the compiled function works too; the builders'
-    input checks may split the graph there, so build masks outside it (as a data loader would).
+    Under ``torch.compile`` the call traces to one graph (no graph break): nothing is kept between calls and the
+    row counts are read from the mask in the graph (on a GPU as plain ops the compiler fuses with the float
+    mask and the q multiplier; on a CPU through the eager kernels, as opaque ops). A mask built inside the
+    compiled function works too; the builders' input checks may split the graph there, so build masks outside
+    it (as a data loader would).
     ``dropout_p`` is applied as given (pass 0 in eval). With a ``generator`` the dropout is drawn from it and
     the computation falls back to :func:`attention_reference` (the fused kernel draws from the global RNG).
 
@@ -163,19 +164,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
                                is_causal=is_causal)
     if Lk == 0 or Lq == 0:                      # degenerate: every row is empty (output 0) or no rows
         return attention_reference(q, k, v, mask, scale, min_n=min_n, base=base, is_causal=is_causal)
-    if _tracing():
-        return _attention_traced(q, k, v, mask, scale, min_n, base, dropout_p, is_causal, (B, H, Lq, Lk, D))
     counts_needed = _needs_counts(scale)
 
-    if mask is None:
+    if mask is None:                            # (the same under torch.compile: nothing here is kept)
         # no mask: either nothing hidden, or SDPA's own causal path (top-left, every row sees >= 1 key)
         if isinstance(scale, str) and scale == "entropy" and not is_causal:
             # every row sees all K keys: the entropy scale is one number, SDPA takes it as is
             mult, s = None, math.log(max(Lk, min_n)) / math.log(base) / math.sqrt(D)
         elif isinstance(scale, str) and scale == "entropy":
-            # n_i depends only on (Q, K, is_causal): a cached [Q, 1] table, no per-call work
-            mult, s = _causal_logn_table(Lq, Lk, is_causal, float(min_n), float(base), q.dtype, q.device), \
-                1.0 / math.sqrt(D)
+            # n_i depends only on (Q, K, is_causal): a cached [Q, 1] table, no per-call work (made in the graph
+            # while torch.compile traces)
+            table = _causal_logn_table.__wrapped__ if _tracing() else _causal_logn_table
+            mult, s = table(Lq, Lk, is_causal, float(min_n), float(base), q.dtype, q.device), 1.0 / math.sqrt(D)
         else:
             counts = None
             if counts_needed:
@@ -184,6 +184,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
             mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
         qs = q if mult is None else q * mult
         return F.scaled_dot_product_attention(qs, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=s)
+    if _tracing():
+        return _attention_traced(q, k, v, mask, scale, min_n, base, dropout_p, is_causal, (B, H, Lq, Lk, D))
 
     dev = q.device
     m4 = _mask4(mask, B, H, Lq, Lk, dev)
@@ -203,31 +205,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     return out
 
 
-def _attention_traced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None, scale: ScaleArg,
+def _attention_traced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod, scale: ScaleArg,
                       min_n: float, base: float, dropout_p: float, is_causal: bool,
                       dims: tuple[int, int, int, int, int]) -> Tensor:
-    """:func:`attention` while ``torch.compile`` traces it: tensor operations only -- no kept masks, no counts
-    attached by the builders, no data-dependent branch -- so a compiled model has no graph break here. On a GPU
-    the compiler fuses the mask work (row counts, float mask) and the q multiplier into a few kernels; on a CPU
-    the counts and the float mask come from the eager path's kernels, called as opaque ops. The same values as
-    the eager path (the log n factors are computed by the same float64 formula)."""
+    """:func:`attention` with a mask while ``torch.compile`` traces it: tensor operations only -- no kept
+    masks, no counts attached by the builders, no data-dependent branch -- so a compiled model has no graph
+    break here. On a GPU the compiler fuses the mask work (row counts, float mask) and the q multiplier into a
+    few kernels; on a CPU the counts and the float mask come from the eager path's kernels, called as opaque
+    ops. The same values as the eager path (the log n factors are computed by the same float64 formula)."""
     B, H, Lq, Lk, D = dims
     entropy = isinstance(scale, str) and scale == "entropy"
-    if mask is None:
-        if entropy and not is_causal:
-            mult, s = None, math.log(max(Lk, min_n)) / math.log(base) / math.sqrt(D)
-        elif entropy:
-            mult = _causal_logn_table.__wrapped__(Lq, Lk, is_causal, float(min_n), float(base), q.dtype, q.device)
-            s = 1.0 / math.sqrt(D)
-        else:
-            counts = None
-            if _needs_counts(scale):
-                i = torch.arange(Lq, device=q.device)
-                counts = (i + 1).clamp_max(Lk) if is_causal else torch.full((Lq,), Lk, device=q.device)
-            mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
-        qs = q if mult is None else q * mult
-        return F.scaled_dot_product_attention(qs, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=s)
-
     m4 = _mask4(mask, B, H, Lq, Lk, q.device)
     allowed = m4 if m4.dtype == torch.bool else m4 > float("-inf")
     if is_causal:
