@@ -39,6 +39,9 @@ def _masks(B, L):
         "predicate": and_masks(unilm(seg), padding(am)),
         "window": and_masks(causal(), sliding_window_mask(3)),
         "additive": torch.zeros(L, L).masked_fill(~causal_mask(L), float("-inf")),
+        "user": unilm_mask(seg, am).clone(),                  # no counts attached: read from the mask
+        # broadcast over the keys ([1, 1, L, 1]): a row sees every key or none (every 4th row from 1: none)
+        "rows": (torch.arange(L) % 4 != 1)[None, None, :, None],
     }
 
 
@@ -365,6 +368,28 @@ def test_fast_row_counts_match_sum():
         rand = torch.rand(1, 2, 5, n, generator=g) > 0.3
         for x in (dense, rand, rand[..., 8:], rand[..., 16:n - 8], rand[..., ::1].expand(3, 2, 5, n), ~dense):
             assert torch.equal(_row_counts(x), x.sum(-1)), (n, x.shape, x.stride())
+
+
+def test_one_pass_float_mask_and_counts_match_the_two_kernels():
+    """masks._additive_counted (the float mask and the row counts from one integer copy of the bools) against
+    torch.where and the bool sum: every float type (fp16/bf16 take the two kernels), contiguous, transposed,
+    sliced and broadcast masks, hidden rows, a length not a multiple of 8, no keys at all."""
+    from kexue.attention.masks import _additive_counted
+
+    g = torch.Generator().manual_seed(15)
+    m = torch.rand(2, 3, 6, 13, generator=g) > 0.5
+    m[1, 2, 4] = False
+    views = [m, m.transpose(-1, -2), m[..., 2:11], m[:, :1].expand(2, 5, 6, 13), causal_mask(517)[None, None],
+             torch.ones(1, 1, 3, 0, dtype=torch.bool)]
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for x in views:
+            ready, counts = _additive_counted(x, dtype)
+            want = torch.where(x, torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype))
+            assert ready.dtype == dtype and torch.equal(ready, want), (dtype, x.shape, x.stride())
+            assert counts.dtype == torch.int64 and torch.equal(counts, x.sum(-1)), (dtype, x.shape, x.stride())
+    # the compiled-path op returns the same pair
+    ready, counts = torch.ops.kexue.to_additive_counted(m, torch.float32)
+    assert torch.equal(ready, _additive_counted(m, torch.float32)[0]) and torch.equal(counts, m.sum(-1))
 
 
 def _fresh_masks(n, B=2, L=12, seed=40):

@@ -34,12 +34,13 @@ from kexue._checks import check_tensor, compute_dtype
 from .masks import (
     MaskMod,
     _additive,
+    _additive_counted,
     _as_allowed,
     _attached_counts,
+    _eager_identity,
     _mask4,
     _row_any,
     _row_counts,
-    _tensor_identity,
     _tracing,
     causal,
     render_mask,
@@ -80,9 +81,9 @@ def _check_numbers(min_n: float, base: float, dropout_p: float) -> None:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
 
 
-def _check_common(scale: ScaleArg, min_n: float, base: float, dropout_p: float) -> None:
+def _check_common(scale: ScaleArg, min_n: float, base: float, dropout_p: float, tracing: bool) -> None:
     if type(min_n) in (int, float) and type(base) in (int, float) and type(dropout_p) in (int, float) \
-            and not _tracing():
+            and not tracing:
         _check_numbers(min_n, base, dropout_p)
     else:                                   # anything else (bool, tensor, list...) is checked uncached
         _check_numbers.__wrapped__(min_n, base, dropout_p)
@@ -155,7 +156,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
         torch.Size([2, 4, 16, 8])
     """
     B, H, Lq, Lk, D = _check_qkv(q, k, v)
-    _check_common(scale, min_n, base, dropout_p)
+    tracing = _tracing()
+    _check_common(scale, min_n, base, dropout_p, tracing)
     if dropout_p > 0 and generator is not None:
         return attention_reference(q, k, v, mask, scale, min_n=min_n, base=base, dropout_p=dropout_p,
                                    is_causal=is_causal, generator=generator)
@@ -174,7 +176,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
         elif isinstance(scale, str) and scale == "entropy":
             # n_i depends only on (Q, K, is_causal): a cached [Q, 1] table, no per-call work (made in the graph
             # while torch.compile traces)
-            table = _causal_logn_table.__wrapped__ if _tracing() else _causal_logn_table
+            table = _causal_logn_table.__wrapped__ if tracing else _causal_logn_table
             mult, s = table(Lq, Lk, is_causal, float(min_n), float(base), q.dtype, q.device), 1.0 / math.sqrt(D)
         else:
             counts = None
@@ -184,7 +186,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
             mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
         qs = q if mult is None else q * mult
         return F.scaled_dot_product_attention(qs, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=s)
-    if _tracing():
+    if tracing:
         return _attention_traced(q, k, v, mask, scale, min_n, base, dropout_p, is_causal, (B, H, Lq, Lk, D))
 
     dev = q.device
@@ -217,32 +219,24 @@ def _attention_traced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod, s
     entropy = isinstance(scale, str) and scale == "entropy"
     m4 = _mask4(mask, B, H, Lq, Lk, q.device)
     allowed = m4 if m4.dtype == torch.bool else m4 > float("-inf")
-    if is_causal:
-        tri = render_mask(causal(0), 1, 1, Lq, Lk, q.device)
+    tri = render_mask(causal(0), 1, 1, Lq, Lk, q.device) if is_causal else None
+    if tri is not None:
         allowed = allowed & tri
     # the device is fixed in a trace: the same empty-row policy as the eager path, and on a CPU the eager path's
     # own kernels (masks._row_counts_op / _additive_op: faster there than what inductor generates)
     guard = _EMPTY_ROWS_ZERO.get(q.device.type) is None
     kernels = q.is_cpu and _TRACED_CPU_KERNELS
     counts = empty = None
-    if _needs_counts(scale) or guard:
-        rows = allowed.expand(*allowed.shape[:-1], Lk)
-        counts = (torch.ops.kexue.row_counts(rows) if kernels else rows.sum(-1)).unsqueeze(-1)  # [B|1,H|1,Q|1,1]
-        if guard:               # rows that see no key: the kernel sees every key there, output 0 after
-            empty = counts == 0
-    if m4.dtype == torch.bool:
-        ok = allowed if empty is None else allowed | empty
-        if kernels:
-            attn_mask = torch.ops.kexue.to_additive(ok, q.dtype)
-        else:
-            attn_mask = torch.where(ok, torch.zeros((), dtype=q.dtype, device=q.device),
-                                    torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+    if kernels and m4.dtype == torch.bool and _needs_counts(scale) and not guard and allowed.shape[-1] == Lk:
+        attn_mask, counts = torch.ops.kexue.to_additive_counted(allowed, q.dtype)   # one pass over the mask
+        counts = counts.unsqueeze(-1)
     else:
-        attn_mask = m4.to(q.dtype)
-        if is_causal:
-            attn_mask = attn_mask.masked_fill(~tri, float("-inf"))
-        if empty is not None:
-            attn_mask = attn_mask.masked_fill(empty, 0.0)
+        if _needs_counts(scale) or guard:
+            rows = allowed.expand(*allowed.shape[:-1], Lk)
+            counts = (torch.ops.kexue.row_counts(rows) if kernels else rows.sum(-1)).unsqueeze(-1)  # [.., Q|1, 1]
+            if guard:           # rows that see no key: the kernel sees every key there, output 0 after
+                empty = counts == 0
+        attn_mask = _traced_float_mask(m4, allowed, tri, empty, q.dtype, kernels)
     if entropy:
         mult = _logn_of_counts(counts, base, min_n).to(q.dtype)
         s = 1.0 / math.sqrt(D)
@@ -251,6 +245,22 @@ def _attention_traced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod, s
     qs = q if mult is None else q * mult
     out = F.scaled_dot_product_attention(qs, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=s)
     return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+def _traced_float_mask(m4: Tensor, allowed: Tensor, tri: Tensor | None, empty: Tensor | None, dtype: torch.dtype,
+                       kernels: bool) -> Tensor:
+    """The additive mask SDPA gets in a trace: ``allowed`` (``m4`` and the causal triangle ``tri``) with the
+    empty rows un-masked."""
+    if m4.dtype == torch.bool:
+        ok = allowed if empty is None else allowed | empty
+        if kernels:
+            return torch.ops.kexue.to_additive(ok, dtype)
+        return torch.where(ok, torch.zeros((), dtype=dtype, device=ok.device),
+                           torch.full((), float("-inf"), dtype=dtype, device=ok.device))
+    attn_mask = m4.to(dtype)
+    if tri is not None:
+        attn_mask = attn_mask.masked_fill(~tri, float("-inf"))
+    return attn_mask if empty is None else attn_mask.masked_fill(empty, 0.0)
 
 
 # What a mask costs beyond SDPA's own work, and how it is kept down:
@@ -308,7 +318,7 @@ def _clear_mask_stats_cache() -> None:
 def _mask_entry(mask: object, geometry: tuple) -> dict:
     """The kept entry for ``mask`` under ``geometry``: the cached one if it is still valid, else a fresh one
     (which replaces the cached one for tensors; predicates and inference tensors get a throwaway entry)."""
-    identity = _tensor_identity(mask) if isinstance(mask, Tensor) else None
+    identity = _eager_identity(mask) if isinstance(mask, Tensor) else None
     if identity is None:                # a predicate, or an inference tensor (no version counter): nothing kept
         return {"ref": None, "identity": None, "counts": None, "empty": None, "empty_known": False, "ready": {},
                 "mults": {}}
@@ -341,15 +351,23 @@ def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causa
     if allowed_or_additive.is_floating_point():
         allowed_or_additive = allowed_or_additive.to(dtype)
     is_bool = allowed_or_additive.dtype == torch.bool
+    fused = None                        # (float mask, counts) made in one pass, see masks._additive_counted
     if want_counts and entry["counts"] is None:
         counts = None
         if isinstance(mask, Tensor) and not is_causal:        # the mask as its builder made it
-            attached = _attached_counts(mask, entry["identity"], as_4d=True)   # type: ignore[arg-type]
+            attached = _attached_counts(mask, entry["identity"], as_4d=True, eager=True)   # type: ignore[arg-type]
             if attached is not None:
                 counts = attached if attached.device == device else attached.to(device)
         if counts is None:
             allowed = allowed_or_additive if is_bool else allowed_or_additive > float("-inf")
-            counts = _row_counts(allowed).unsqueeze(-1)
+            if allowed.shape[-1] != Lk:     # broadcast over the keys ([..., Q, 1]): a row sees all Lk or none
+                counts = _row_counts(allowed.expand(*allowed.shape[:-1], Lk))
+            elif is_bool and ready is None and not guard:
+                fused = _additive_counted(allowed, dtype)
+                counts = fused[1]
+            else:
+                counts = _row_counts(allowed)
+            counts = counts.unsqueeze(-1)
         entry["counts"] = counts
     if guard and not entry["empty_known"]:
         if entry["counts"] is not None:
@@ -365,7 +383,9 @@ def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causa
         ready = allowed_or_additive
         if empty is not None:   # let the kernel see every key of an empty row; its output is zeroed after
             ready = ready | empty if is_bool else ready.masked_fill(empty, 0.0)
-        if is_bool:             # converted here: cheaper than the conversion SDPA makes inside the call
+        if fused is not None:
+            ready = fused[0]
+        elif is_bool:           # converted here: cheaper than the conversion SDPA makes inside the call
             ready = _additive(ready, dtype)
         # (not a float mask that takes gradients, e.g. a learnt bias: its converted form belongs to one graph)
         if entry["ref"] is not None and ready.numel() <= _ADDITIVE_MAX_ELEMENTS and not m4.requires_grad:
@@ -456,7 +476,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod 
         True
     """
     B, H, Lq, Lk, D = _check_qkv(q, k, v)
-    _check_common(scale, min_n, base, dropout_p)
+    _check_common(scale, min_n, base, dropout_p, _tracing())
     cd = compute_dtype(q.dtype)
     qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
     allowed = _as_allowed(mask, B, H, Lq, Lk, is_causal, q.device)
