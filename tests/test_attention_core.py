@@ -581,6 +581,56 @@ def test_transformer_compiles_to_one_graph_with_inductor():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("scale", ["entropy", "standard", "learnable"])
+def test_a_transformer_prepares_its_mask_once_per_forward(monkeypatch, scale):
+    """A Transformer hands its layers one mask wrapper (core._MaskMemo): the float mask (and the row counts)
+    are made by the first layer and reused by the others -- also in a compiled inference graph, where nothing
+    is kept between calls. Counted by calls of the CPU kernels; the logits, gradients and entropies equal a
+    copy of the model whose attention objects are not plain SoftmaxAttention (so it gets the bare mask)."""
+    import kexue.attention.masks as masks_mod
+    from kexue.nn import SoftmaxAttention, Transformer
+
+    class Other(SoftmaxAttention):       # same computation, but not our own attention type: no wrapper
+        pass
+
+    torch.manual_seed(0)
+    model = Transformer(40, dim=32, depth=3, heads=2, attention_scale=scale)
+    other = Transformer(40, dim=32, depth=3, heads=2, attention_scale=scale)
+    other.load_state_dict(model.state_dict())
+    for blk in other.blocks:
+        old = blk.attn
+        blk.attn = Other(old.scale, old.min_n, old.base)
+    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(3))
+    seg = (torch.arange(12) >= torch.tensor([[4], [7]])).long()
+    mask = unilm_mask(seg, (torch.arange(12) < torch.tensor([[12], [10]])).long()).clone()   # no counts
+
+    calls = {"n": 0}
+    for name in ("_additive_counted", "_additive"):
+        real = getattr(masks_mod, name)
+
+        def counted(*a, _real=real):
+            calls["n"] += 1
+            return _real(*a)
+        monkeypatch.setattr(masks_mod, name, counted)
+    with torch.no_grad():
+        for m, want in ((model, 1), (other, 3)):
+            compiled = _compiled(m)
+            calls["n"] = 0
+            compiled(ids, mask=mask)
+            assert calls["n"] == want, (m is model, calls["n"])
+        torch.testing.assert_close(_compiled(model)(ids, mask=mask).logits, other(ids, mask=mask).logits)
+    outs = []
+    for m in (model, other):
+        m.zero_grad()
+        out = m(ids, mask=mask, return_entropy=True)
+        out.logits.square().mean().backward()
+        outs.append((out.logits, out.entropies, [p.grad for p in m.parameters()]))
+    (la, ea, ga), (lb, eb, gb) = outs
+    torch.testing.assert_close(la, lb)
+    for a, b in zip(ea + ga, eb + gb):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("is_causal,dtype", [(True, torch.float32), (False, torch.float64)])
 def test_a_learnt_float_mask_gets_its_gradient_on_every_call(is_causal, dtype):
     """A float mask that requires grad (a learnt attention bias) whose conversion attention() would keep (it

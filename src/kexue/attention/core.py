@@ -50,6 +50,19 @@ from .scaling import ScaleArg, _check_base, _check_min_n, _logn_of_counts, _row_
 __all__ = ["attention", "attention_reference"]
 
 
+class _MaskMemo:
+    """One mask shared by the attention calls of one forward pass (``Transformer`` wraps its mask in one and
+    passes it to every layer): the first call prepares the float mask and the row counts, the later calls reuse
+    them. In eager mode the kept-mask entry already does this; under ``torch.compile`` it is what keeps a
+    compiled model from preparing the mask again in every layer (a trace keeps nothing between calls, and the
+    compiler does not merge the layers' identical mask work in an inference graph). It lives for one forward
+    pass, as a local object of the caller, so nothing outlives the call."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = mask
+        self.prepared: dict = {}
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
     if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
             and q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.is_floating_point()):
@@ -155,6 +168,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
         >>> out.shape
         torch.Size([2, 4, 16, 8])
     """
+    memo = None
+    if isinstance(mask, _MaskMemo):
+        memo, mask = mask, mask.mask
     B, H, Lq, Lk, D = _check_qkv(q, k, v)
     tracing = _tracing()
     _check_common(scale, min_n, base, dropout_p, tracing)
@@ -186,15 +202,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
             mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
         qs = q if mult is None else q * mult
         return F.scaled_dot_product_attention(qs, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=s)
+    key = prepared = None
+    if memo is not None:
+        key = (q.dtype, q.device, Lq, Lk, is_causal, counts_needed)
+        prepared = memo.prepared.get(key)
     if tracing:
-        return _attention_traced(q, k, v, mask, scale, min_n, base, dropout_p, is_causal, (B, H, Lq, Lk, D))
-
-    dev = q.device
-    m4 = _mask4(mask, B, H, Lq, Lk, dev)
-    # (q.is_cpu first: reading dev.type costs a few microseconds on every call)
-    policy = _EMPTY_ROWS_ZERO.get("cpu") if q.is_cpu else _EMPTY_ROWS_ZERO.get(dev.type)
-    attn_mask, counts, empty = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed,
-                                             guard=policy is None)
+        return _attention_traced(q, k, v, mask, scale, min_n, base, dropout_p, is_causal, (B, H, Lq, Lk, D),
+                                 prepared, None if memo is None else memo.prepared, key)
+    if prepared is not None:                    # an earlier layer of this forward pass prepared the mask
+        attn_mask, counts, empty = prepared
+    else:
+        dev = q.device
+        m4 = _mask4(mask, B, H, Lq, Lk, dev)
+        # (q.is_cpu first: reading dev.type costs a few microseconds on every call)
+        policy = _EMPTY_ROWS_ZERO.get("cpu") if q.is_cpu else _EMPTY_ROWS_ZERO.get(dev.type)
+        attn_mask, counts, empty = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed,
+                                                 guard=policy is None)
+        if memo is not None and not m4.requires_grad:   # (a learnt float bias belongs to one graph)
+            memo.prepared[key] = (attn_mask, counts, empty)
     if isinstance(scale, str) and scale == "entropy":
         assert counts is not None
         mult, s = _entropy_multiplier(counts, Lk, float(min_n), float(base), q.dtype), 1.0 / math.sqrt(D)
@@ -209,21 +234,44 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
 
 def _attention_traced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod, scale: ScaleArg,
                       min_n: float, base: float, dropout_p: float, is_causal: bool,
-                      dims: tuple[int, int, int, int, int]) -> Tensor:
+                      dims: tuple[int, int, int, int, int], prepared: tuple | None = None,
+                      store: dict | None = None, key: tuple | None = None) -> Tensor:
     """:func:`attention` with a mask while ``torch.compile`` traces it: tensor operations only -- no kept
     masks, no counts attached by the builders, no data-dependent branch -- so a compiled model has no graph
     break here. On a GPU the compiler fuses the mask work (row counts, float mask) and the q multiplier into a
     few kernels; on a CPU the counts and the float mask come from the eager path's kernels, called as opaque
-    ops. The same values as the eager path (the log n factors are computed by the same float64 formula)."""
+    ops. The same values as the eager path (the log n factors are computed by the same float64 formula).
+    ``prepared``: (float mask, counts, empty rows) from an earlier layer of the same forward pass (a
+    :class:`_MaskMemo`); ``store``/``key``: where to leave this call's for the later layers."""
     B, H, Lq, Lk, D = dims
     entropy = isinstance(scale, str) and scale == "entropy"
+    if prepared is not None:
+        attn_mask, counts, empty = prepared
+    else:
+        attn_mask, counts, empty = _traced_prepare(q, mask, scale, is_causal, dims)
+        if store is not None and not (isinstance(mask, Tensor) and mask.requires_grad):
+            store[key] = (attn_mask, counts, empty)
+    if entropy:
+        mult = _logn_of_counts(counts, base, min_n).to(q.dtype)
+        s = 1.0 / math.sqrt(D)
+    else:
+        mult, s = _row_multiplier(scale, None if counts is None else counts[..., 0], D, min_n, base, q)
+    qs = q if mult is None else q * mult
+    out = F.scaled_dot_product_attention(qs, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=s)
+    return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+def _traced_prepare(q: Tensor, mask: Tensor | MaskMod, scale: ScaleArg, is_causal: bool,
+                    dims: tuple[int, int, int, int, int]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(additive float mask for SDPA, row counts ``[..., Q, 1]`` or None, empty rows or None) in a trace."""
+    B, H, Lq, Lk, D = dims
     m4 = _mask4(mask, B, H, Lq, Lk, q.device)
     allowed = m4 if m4.dtype == torch.bool else m4 > float("-inf")
     tri = render_mask(causal(0), 1, 1, Lq, Lk, q.device) if is_causal else None
     if tri is not None:
         allowed = allowed & tri
     # the device is fixed in a trace: the same empty-row policy as the eager path, and on a CPU the eager path's
-    # own kernels (masks._row_counts_op / _additive_op: faster there than what inductor generates)
+    # own kernels (the kexue:: ops registered in masks.py: faster there than what inductor generates)
     guard = _EMPTY_ROWS_ZERO.get(q.device.type) is None
     kernels = q.is_cpu and _TRACED_CPU_KERNELS
     counts = empty = None
@@ -237,14 +285,7 @@ def _attention_traced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod, s
             if guard:           # rows that see no key: the kernel sees every key there, output 0 after
                 empty = counts == 0
         attn_mask = _traced_float_mask(m4, allowed, tri, empty, q.dtype, kernels)
-    if entropy:
-        mult = _logn_of_counts(counts, base, min_n).to(q.dtype)
-        s = 1.0 / math.sqrt(D)
-    else:
-        mult, s = _row_multiplier(scale, None if counts is None else counts[..., 0], D, min_n, base, q)
-    qs = q if mult is None else q * mult
-    out = F.scaled_dot_product_attention(qs, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=s)
-    return out if empty is None else out.masked_fill(empty, 0.0)
+    return attn_mask, counts, empty
 
 
 def _traced_float_mask(m4: Tensor, allowed: Tensor, tri: Tensor | None, empty: Tensor | None, dtype: torch.dtype,
@@ -271,8 +312,9 @@ def _traced_float_mask(m4: Tensor, allowed: Tensor, tri: Tensor | None, empty: T
 #   took ~320 us longer than with a ready float mask, and our conversion ~130 us. Masks above
 #   _ADDITIVE_MAX_ELEMENTS are converted per call and not kept: a kept copy would be 4x the bool mask in fp32.
 # * the per-row key counts for scale="entropy" come from the mask's builder when it attached them (O(B L),
-#   kexue.attention.masks._attach_counts), else from one read of the mask (_row_counts); either way they
-#   are kept with the mask, as is the log n multiplier made from them.
+#   kexue.attention.masks._attach_counts), else from the mask itself: on a CPU summed from the integer copy the
+#   conversion makes anyway (masks._additive_counted, one pass for both), elsewhere by one read of the mask
+#   (_row_counts); either way they are kept with the mask, as is the log n multiplier made from them.
 # Everything is kept in ONE entry per thread (the last mask the thread saw; threads share nothing), keyed on the
 # tensor object (weak reference), its identity (storage, version counter bumped by any in-place change, layout;
 # masks._tensor_identity) and the call's geometry. The previous entry is dropped before anything is computed

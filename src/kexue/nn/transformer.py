@@ -41,6 +41,7 @@ from torch import nn
 
 from kexue._checks import check_choice, check_positive, check_tensor, compute_dtype
 from kexue.attention import LogNScale, attention, attention_entropy, causal_mask
+from kexue.attention.core import _MaskMemo
 from kexue.attention.scaling import _check_base, _check_min_n
 
 ATTENTION_SCALES = ("standard", "entropy", "learnable")
@@ -132,6 +133,8 @@ class SoftmaxAttention(nn.Module):
     def entropy(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         """Per-row attention entropy in nats, ``[B, H, L_q]``, under the same scale and mask."""
+        if isinstance(mask, _MaskMemo):
+            mask = mask.mask
         return attention_entropy(q, k, mask=mask, scale=self.scale, is_causal=is_causal, min_n=self.min_n,
                                  base=self.base)
 
@@ -347,6 +350,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"position_ids must be [L], [1, L] or [B, L] with B={b}, L={n}, "
                                  f"got {tuple(position_ids.shape)}")
         attn_mask, causal = self.build_mask(b, n, input_ids.device, attention_mask, mask, is_causal)
+        if attn_mask is not None and all(type(blk.attn) is SoftmaxAttention for blk in self.blocks):
+            # prepared (float mask, row counts) once for all layers, also in a compiled graph; only our own
+            # attention knows the wrapper, a user's attention callable gets the mask tensor itself
+            attn_mask = _MaskMemo(attn_mask)
         x = self.drop(self.emb_ln(self.tok_emb(input_ids)))
         entropies: list[torch.Tensor] | None = [] if return_entropy else None
         for blk in self.blocks:
