@@ -236,7 +236,9 @@ class Transformer(nn.Module):
     boolean attention mask broadcastable to ``[B, H, L, L]`` (``True`` = may attend), e.g. from
     :func:`kexue.attention.unilm_mask`; ``is_causal`` adds the LM mask; ``logits_positions`` (bool ``[B, L]``)
     computes the MLM logits only there and returns them as ``[N, vocab]`` (cheap MLM training with a large
-    vocabulary).
+    vocabulary). With the default :class:`SoftmaxAttention` in every block, the mask is turned into SDPA's
+    float form (and counted per row, for the entropy scales) once per forward and shared by the blocks, also
+    under ``torch.compile``; a user's attention callable gets the bool mask tensor itself.
 
     Example:
         >>> m = Transformer(vocab_size=30, dim=32, depth=1, heads=2, norm="post")
