@@ -261,10 +261,12 @@ def _additive_counted(allowed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tens
 
     On a CPU, for fp32 and fp64, the row counts are summed from the integer copy of the bools that the
     conversion makes anyway (0/1, still in cache at moderate L), before it turns into the bit pattern of 0/-inf:
-    one read of the mask instead of two. An int32 sum vectorises well; at L = 512 and 2048 (a [1, 1, L, L]
-    mask, 2 cores) the pair took 0.64-0.73 of the time of the two separate kernels, at L = 8192 the same.
-    Elsewhere (other float types, whose integer view is too narrow to hold a count, and other devices) it is
-    the two calls. ``allowed`` must have the full key dimension (not a broadcast 1).
+    one read of the mask instead of two, and one op for a compiled graph to call. An int32 sum vectorises
+    well: at L = 512 and 2048 (a [1, 1, L, L] mask, 2 cores) the pair took 0.64-0.73 of the time of the two
+    kernels when _row_counts still sliced its rows into groups; against the one-sum _row_counts (rows of up
+    to 2040 keys) the two ways are level within the noise of a whole attention() call. Elsewhere (other
+    float types, whose integer view is too narrow to hold a count, and other devices) it is the two calls.
+    ``allowed`` must have the full key dimension (not a broadcast 1).
     """
     bits = _NEG_INF_BITS.get(dtype)
     if bits is None or bits[0] == torch.int16 or not allowed.is_cpu or allowed.shape[-1] == 0:
