@@ -631,6 +631,24 @@ def test_a_transformer_prepares_its_mask_once_per_forward(monkeypatch, scale):
         torch.testing.assert_close(a, b)
 
 
+def test_transformer_exports():
+    """torch.export traces the whole model (its output dataclass is a pytree node) and the exported program
+    gives the eager logits and entropies, for a UniLM mask with padding and for the causal flag."""
+    from kexue.nn import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(40, dim=32, depth=2, heads=2, attention_scale="entropy").eval()
+    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(4))
+    seg = (torch.arange(12) >= torch.tensor([[4], [7]])).long()
+    mask = unilm_mask(seg, (torch.arange(12) < torch.tensor([[12], [9]])).long())
+    for kwargs in ({"mask": mask, "return_entropy": True}, {"is_causal": True}):
+        program = torch.export.export(model, (ids,), kwargs)
+        got, want = program.module()(ids, **kwargs), model(ids, **kwargs)
+        torch.testing.assert_close(got.logits, want.logits, **TOL[torch.float32])
+        for a, b in zip(got.entropies or [], want.entropies or []):
+            torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("is_causal,dtype", [(True, torch.float32), (False, torch.float64)])
 def test_a_learnt_float_mask_gets_its_gradient_on_every_call(is_causal, dtype):
     """A float mask that requires grad (a learnt attention bias) whose conversion attention() would keep (it

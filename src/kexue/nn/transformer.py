@@ -213,6 +213,10 @@ class TransformerOutput:
     entropies: list[torch.Tensor] | None = None
 
 
+# a pytree node, so that torch.export can trace a model returning it (and rebuild it from the exported outputs)
+torch.export.register_dataclass(TransformerOutput, serialized_type_name="kexue.nn.TransformerOutput")
+
+
 class Transformer(nn.Module):
     """Transformer encoder with RoPE, pre-/post-LN, pluggable attention and an MLM head tied to the token
     embeddings. No absolute positions, so it runs at any sequence length.
