@@ -590,8 +590,10 @@ def test_a_transformer_prepares_its_mask_once_per_forward(monkeypatch, scale):
     import kexue.attention.masks as masks_mod
     from kexue.nn import SoftmaxAttention, Transformer
 
-    class Other(SoftmaxAttention):       # same computation, but not our own attention type: no wrapper
-        pass
+    class Other(SoftmaxAttention):       # same computation, but its own forward: it gets the bare mask
+        def forward(self, q, k, v, *, mask=None, is_causal=False):
+            assert mask is None or isinstance(mask, torch.Tensor)
+            return super().forward(q, k, v, mask=mask, is_causal=is_causal)
 
     torch.manual_seed(0)
     model = Transformer(40, dim=32, depth=3, heads=2, attention_scale=scale)
@@ -643,6 +645,9 @@ def test_transformer_exports():
     mask = unilm_mask(seg, (torch.arange(12) < torch.tensor([[12], [9]])).long())
     for kwargs in ({"mask": mask, "return_entropy": True}, {"is_causal": True}):
         program = torch.export.export(model, (ids,), kwargs)
+        if "mask" in kwargs:    # the layers share one prepared mask (core._MaskMemo) in the exported graph too
+            ops = [n for n in program.graph.nodes if "to_additive" in str(n.target)]
+            assert len(ops) == 1, ops
         got, want = program.module()(ids, **kwargs), model(ids, **kwargs)
         torch.testing.assert_close(got.logits, want.logits, **TOL[torch.float32])
         for a, b in zip(got.entropies or [], want.entropies or []):

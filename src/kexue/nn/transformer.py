@@ -144,6 +144,15 @@ class SoftmaxAttention(nn.Module):
         return f"scale={self.scale!r}, min_n={self.min_n}, base={self.base}"
 
 
+def _takes_memo(attn: object) -> bool:
+    """Whether ``attn`` is a SoftmaxAttention whose forward and entropy are ours (so it unwraps a _MaskMemo): a
+    subclass that overrides either gets the mask tensor. (Not an exact type check: torch.export's non-strict
+    tracer stands a proxy subclass in for every submodule.)"""
+    cls = type(attn)
+    return isinstance(attn, SoftmaxAttention) and cls.forward is SoftmaxAttention.forward and \
+        cls.entropy is SoftmaxAttention.entropy
+
+
 # ------------------------------------------------------------------------------------------------------
 # Blocks and model
 # ------------------------------------------------------------------------------------------------------
@@ -356,7 +365,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"position_ids must be [L], [1, L] or [B, L] with B={b}, L={n}, "
                                  f"got {tuple(position_ids.shape)}")
         attn_mask, causal = self.build_mask(b, n, input_ids.device, attention_mask, mask, is_causal)
-        if attn_mask is not None and all(type(blk.attn) is SoftmaxAttention for blk in self.blocks):
+        if attn_mask is not None and all(_takes_memo(blk.attn) for blk in self.blocks):
             # prepared (float mask, row counts) once for all layers, also in a compiled graph; only our own
             # attention knows the wrapper, a user's attention callable gets the mask tensor itself
             attn_mask = _MaskMemo(attn_mask)
