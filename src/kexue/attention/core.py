@@ -205,54 +205,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     key = prepared = None
     if memo is not None:
         key = (q.dtype, q.device, Lq, Lk, is_causal, counts_needed)
-        prepared = memo.prepared.get(key)
-    if tracing:
-        return _attention_traced(q, k, v, mask, scale, min_n, base, dropout_p, is_causal, (B, H, Lq, Lk, D),
-                                 prepared, None if memo is None else memo.prepared, key)
-    if prepared is not None:                    # an earlier layer of this forward pass prepared the mask
-        attn_mask, counts, empty = prepared
-    else:
-        dev = q.device
-        m4 = _mask4(mask, B, H, Lq, Lk, dev)
-        # (q.is_cpu first: reading dev.type costs a few microseconds on every call)
-        policy = _EMPTY_ROWS_ZERO.get("cpu") if q.is_cpu else _EMPTY_ROWS_ZERO.get(dev.type)
-        attn_mask, counts, empty = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed,
-                                                 guard=policy is None)
-        if memo is not None and not m4.requires_grad:   # (a learnt float bias belongs to one graph)
-            memo.prepared[key] = (attn_mask, counts, empty)
+        prepared = memo.prepared.get(key)      # made by an earlier layer of this forward pass
+    if prepared is None:
+        if tracing:     # under torch.compile: tensor ops only, nothing kept between calls (see _traced_prepare)
+            prepared = _traced_prepare(q, mask, scale, is_causal, (B, H, Lq, Lk, D))
+        else:
+            dev = q.device
+            m4 = _mask4(mask, B, H, Lq, Lk, dev)
+            # (q.is_cpu first: reading dev.type costs a few microseconds on every call)
+            policy = _EMPTY_ROWS_ZERO.get("cpu") if q.is_cpu else _EMPTY_ROWS_ZERO.get(dev.type)
+            prepared = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed,
+                                     guard=policy is None)
+        if memo is not None and not (isinstance(mask, Tensor) and mask.requires_grad):
+            memo.prepared[key] = prepared       # (not a learnt float bias: its form belongs to one graph)
+    attn_mask, counts, empty = prepared
     if isinstance(scale, str) and scale == "entropy":
         assert counts is not None
-        mult, s = _entropy_multiplier(counts, Lk, float(min_n), float(base), q.dtype), 1.0 / math.sqrt(D)
-    else:
-        mult, s = _row_multiplier(scale, None if counts is None else counts[..., 0], D, min_n, base, q)
-    qs = q if mult is None else q * mult
-    out = F.scaled_dot_product_attention(qs, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=s)
-    if empty is not None:
-        out = out.masked_fill(empty, 0.0)
-    return out
-
-
-def _attention_traced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod, scale: ScaleArg,
-                      min_n: float, base: float, dropout_p: float, is_causal: bool,
-                      dims: tuple[int, int, int, int, int], prepared: tuple | None = None,
-                      store: dict | None = None, key: tuple | None = None) -> Tensor:
-    """:func:`attention` with a mask while ``torch.compile`` traces it: tensor operations only -- no kept
-    masks, no counts attached by the builders, no data-dependent branch -- so a compiled model has no graph
-    break here. On a GPU the compiler fuses the mask work (row counts, float mask) and the q multiplier into a
-    few kernels; on a CPU the counts and the float mask come from the eager path's kernels, called as opaque
-    ops. The same values as the eager path (the log n factors are computed by the same float64 formula).
-    ``prepared``: (float mask, counts, empty rows) from an earlier layer of the same forward pass (a
-    :class:`_MaskMemo`); ``store``/``key``: where to leave this call's for the later layers."""
-    B, H, Lq, Lk, D = dims
-    entropy = isinstance(scale, str) and scale == "entropy"
-    if prepared is not None:
-        attn_mask, counts, empty = prepared
-    else:
-        attn_mask, counts, empty = _traced_prepare(q, mask, scale, is_causal, dims)
-        if store is not None and not (isinstance(mask, Tensor) and mask.requires_grad):
-            store[key] = (attn_mask, counts, empty)
-    if entropy:
-        mult = _logn_of_counts(counts, base, min_n).to(q.dtype)
+        # (eager: one lookup in a cached table, kept with the mask; traced: the same float64 formula in the graph)
+        mult = _logn_of_counts(counts, base, min_n).to(q.dtype) if tracing else \
+            _entropy_multiplier(counts, Lk, float(min_n), float(base), q.dtype)
         s = 1.0 / math.sqrt(D)
     else:
         mult, s = _row_multiplier(scale, None if counts is None else counts[..., 0], D, min_n, base, q)
@@ -263,7 +234,11 @@ def _attention_traced(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod, s
 
 def _traced_prepare(q: Tensor, mask: Tensor | MaskMod, scale: ScaleArg, is_causal: bool,
                     dims: tuple[int, int, int, int, int]) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(additive float mask for SDPA, row counts ``[..., Q, 1]`` or None, empty rows or None) in a trace."""
+    """(additive float mask for SDPA, row counts ``[..., Q, 1]`` or None, empty rows or None) while
+    ``torch.compile`` traces :func:`attention`: tensor operations only -- no kept masks, no counts attached by
+    the builders, no data-dependent branch -- so a compiled model has no graph break here. On a GPU the
+    compiler fuses this work with the q multiplier; on a CPU the counts and the float mask come from the eager
+    path's kernels, called as opaque ops."""
     B, H, Lq, Lk, D = dims
     m4 = _mask4(mask, B, H, Lq, Lk, q.device)
     allowed = m4 if m4.dtype == torch.bool else m4 > float("-inf")
@@ -347,7 +322,7 @@ if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isd
     _EMPTY_ROWS_ZERO["cuda"] = "additive"     # seen on torch 2.11; older releases take the guard
 
 
-# attention() under torch.compile on a CPU calls the eager kernels as opaque ops (see masks._row_counts_op);
+# attention() under torch.compile on a CPU calls the eager kernels as opaque ops (the kexue:: ops of masks.py);
 # False makes it use the plain torch ops it uses on other devices (the tests run that path on a CPU too)
 _TRACED_CPU_KERNELS = True
 

@@ -696,7 +696,7 @@ def _row_counts(allowed: Tensor) -> Tensor:
     """
     n = allowed.shape[-1]
     if _tracing():                      # in a graph, the plain reduction (attention() on a CPU calls this
-        return allowed.sum(-1)          # function through the opaque op _row_counts_op instead)
+        return allowed.sum(-1)          # function through the opaque op kexue::row_counts instead)
     if n and n % 8 == 0 and allowed.stride(-1) == 1 and allowed.storage_offset() % 8 == 0 and \
             all(st % 8 == 0 for st, sz in zip(allowed.stride()[:-1], allowed.shape[:-1]) if sz > 1):
         try:
