@@ -6,8 +6,10 @@ See :mod:`kexue.attention.masks`, :mod:`kexue.attention.scaling` and :mod:`kexue
 from __future__ import annotations
 
 from .core import attention, attention_reference
+from .fused import fused_attention, fused_available
 from .masks import (
     MaskMod,
+    RankMask,
     and_masks,
     causal,
     causal_mask,
@@ -37,5 +39,5 @@ __all__ = [
     "sliding_window_mask", "sliding_window", "unilm", "prefix_lm", "permutation", "from_dense",
     "causal_mask", "padding_mask", "unilm_mask", "prefix_lm_mask", "permutation_mask", "permute_for_plm",
     "entropy_invariant_scale", "logn_factor", "keys_per_row", "attention_entropy", "LogNScale",
-    "attention", "attention_reference",
+    "attention", "attention_reference", "RankMask", "fused_attention", "fused_available",
 ]

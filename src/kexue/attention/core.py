@@ -119,9 +119,13 @@ def _needs_counts(scale: ScaleArg) -> bool:
         callable(scale) and not isinstance(scale, (str, Tensor)))
 
 
+BACKENDS = ("sdpa", "fused")
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = None,
               scale: ScaleArg = "standard", min_n: float = 16, base: float = 512, dropout_p: float = 0.0,
-              is_causal: bool = False, *, generator: torch.Generator | None = None) -> Tensor:
+              is_causal: bool = False, *, generator: torch.Generator | None = None,
+              backend: str = "sdpa") -> Tensor:
     """Scaled dot-product attention with masks and length-aware scales, on the fused SDPA kernel.
 
     ``scale``:
@@ -162,12 +166,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     ``dropout_p`` is applied as given (pass 0 in eval). With a ``generator`` the dropout is drawn from it and
     the computation falls back to :func:`attention_reference` (the fused kernel draws from the global RNG).
 
+    ``backend="fused"`` runs :func:`kexue.attention.fused.fused_attention` instead of SDPA: one Triton kernel
+    (CUDA) that works out the mask from a :class:`~kexue.attention.masks.RankMask` -- or from the structure a
+    mask builder attached to its mask -- and the per-row scale itself, with no q pre-multiply and no L x L mask
+    read. It takes ``mask=None``, a ``RankMask`` or a builder's mask (not an arbitrary tensor, predicate or
+    block mask) and no dropout; ``"sdpa"`` (the default) takes everything.
+
     Example:
         >>> q = k = v = torch.randn(2, 4, 16, 8)
         >>> out = attention(q, k, v, is_causal=True, scale="entropy")
         >>> out.shape
         torch.Size([2, 4, 16, 8])
     """
+    if backend != "sdpa":
+        if backend != "fused":
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        if dropout_p:
+            raise ValueError("backend='fused' has no dropout: pass dropout_p=0 or use backend='sdpa'")
+        from .fused import fused_attention
+
+        return fused_attention(q, k, v, mask, scale, min_n=min_n, base=base, is_causal=is_causal)
     memo = None
     if isinstance(mask, _MaskMemo):
         memo, mask = mask, mask.mask

@@ -18,6 +18,7 @@ called with broadcast index grids (:func:`render_mask`) and under ``vmap`` (``cr
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from functools import lru_cache, reduce
 
@@ -33,6 +34,7 @@ __all__ = [
     "padding",
     "sliding_window_mask", "sliding_window", "unilm", "prefix_lm", "permutation", "from_dense",
     "causal_mask", "padding_mask", "unilm_mask", "prefix_lm_mask", "permutation_mask", "permute_for_plm",
+    "RankMask",
 ]
 
 
@@ -106,9 +108,10 @@ def _eager_identity(t: Tensor) -> tuple | None:
 _COUNTS_ATTR = "_kexue_row_counts"
 
 
-def _attach_counts(mask: Tensor, counts: Tensor) -> Tensor:
+def _attach_counts(mask: Tensor, counts: Tensor, ranks: RankMask | None = None) -> Tensor:
     """Record on a freshly built ``mask`` its per-row key counts (``mask.shape[:-1]``, int64), worked out by the
-    builder from the mask's structure in O(B * L) instead of read back from the O(B * L^2) mask. ``attention``
+    builder from the mask's structure in O(B * L) instead of read back from the O(B * L^2) mask, and the
+    :class:`RankMask` it was rendered from (what the fused kernel reads instead of the mask). ``attention``
     and :func:`~kexue.attention.scaling.keys_per_row` use them while the mask is unchanged (same identity)."""
     if tuple(counts.shape) != tuple(mask.shape[:-1]):
         raise AssertionError(f"counts {tuple(counts.shape)} do not match mask {tuple(mask.shape)}")
@@ -116,7 +119,9 @@ def _attach_counts(mask: Tensor, counts: Tensor) -> Tensor:
     if identity is None:                # an inference tensor: no way to tell later whether it was changed
         return mask
     counts4 = counts.reshape((1,) * (4 - mask.dim()) + tuple(counts.shape) + (1,))  # [B|1, H|1, Q, 1]: for q
-    setattr(mask, _COUNTS_ATTR, (identity, counts, counts4))
+    # (the RankMask as its plain fields -- tensors, ints, None -- so torch.save/torch.load(weights_only=True) of a
+    # mask still work; the record goes with the tensor's __dict__, and a loaded copy drops it by its identity)
+    setattr(mask, _COUNTS_ATTR, (identity, counts, counts4, None if ranks is None else ranks._fields()))
     return mask
 
 
@@ -132,6 +137,26 @@ def _attached_counts(mask: Tensor, identity: tuple | None = None, *, as_4d: bool
     if rec is None or rec[0] != (identity if identity is not None else _eager_identity(mask)):
         return None                     # (an inference tensor has no record: _attach_counts leaves none)
     return rec[2] if as_4d else rec[1]
+
+
+_LAST_RANKS: list = [None, None, None]     # (weak ref to the mask, its record, the RankMask rebuilt from it)
+
+
+def _attached_ranks(mask: Tensor, identity: tuple | None = None) -> tuple[RankMask, Tensor] | None:
+    """(the :class:`RankMask` a builder rendered ``mask`` from, its row counts) while ``mask`` is unchanged. The
+    last one rebuilt is kept (a model passes one mask to every layer)."""
+    if _tracing():
+        return None
+    rec = mask.__dict__.get(_COUNTS_ATTR)
+    if rec is None or rec[3] is None or rec[0] != (identity if identity is not None else _eager_identity(mask)):
+        return None
+    ref, last_rec, rm = _LAST_RANKS
+    if last_rec is not rec or ref() is not mask:
+        qr, kr, qg, kg, offset, q_len, k_len, _ = rec[3]
+        rm = RankMask._built(qr, kr, q_group=qg, k_group=kg, causal_offset=offset, q_len=q_len, k_len=k_len)
+        rm.device = torch.device(rec[3][7])
+        _LAST_RANKS[:] = [weakref.ref(mask), rec, rm]
+    return rm, rec[1]
 
 
 # -------------------------------------------------------------------------------------------- combinators
@@ -481,6 +506,240 @@ def from_dense(mask: Tensor) -> MaskMod:
     return mod
 
 
+# -------------------------------------------------------------------------------------- structured masks
+_RANK_MAX = 1 << 30          # RankMask.HIDDEN; ranks and groups live in [0, 2**30] so the kernel reads them as int32
+
+
+def _check_ids(name: str, value: Tensor | None, upper: int) -> Tensor | None:
+    """None, or an integer tensor ``[L]`` / ``[B, L]`` with values in ``[0, upper]``, as int32 ``[B|1, L]``."""
+    if value is None:
+        return None
+    t = check_tensor(name, value)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() not in (1, 2):
+        raise ValueError(f"{name} must have shape [L] or [B, L], got shape {tuple(t.shape)}")
+    if t.numel() and not _tracing() and not bool(((t >= 0) & (t <= upper)).all()):
+        raise ValueError(f"{name} must hold integers in [0, {upper}], got range [{int(t.min())}, {int(t.max())}]")
+    t = t.to(torch.int32)
+    return t if t.dim() == 2 else t.unsqueeze(0)
+
+
+class RankMask:
+    """A mask stored as O(L) numbers instead of an L x L tensor: query ``i`` sees key ``j`` iff
+
+    * ``k_rank[j] <= q_rank[i]`` (ranks: a missing ``q_rank`` means every query ranks above every visible key,
+      a missing ``k_rank`` means every key has rank 0; a key of rank :attr:`HIDDEN` is seen by no query),
+    * ``k_group[j] == q_group[i]`` when groups are given (packed sequences: one group per document), and
+    * ``j <= i + causal_offset`` when ``causal_offset`` is not None (0: the top-left causal mask of SDPA's
+      ``is_causal``; ``K - Q``: the right-aligned mask of a kv-cache).
+
+    Every mask of article 3 (kexue.fm/archives/6933) has this form: the LM mask (causal), the MLM mask with
+    padding (hidden keys), UniLM (``rank = cumsum(segment_ids)``, bert4keras' ``UniLM_Mask``), the prefix-LM
+    (``rank = max(position, prefix_len - 1)``) and the permutation LM (``rank = step at which the position is
+    generated``). :func:`kexue.attention.fused.fused_attention` reads these vectors inside the kernel -- it
+    never builds or reads the L x L mask and skips the blocks nobody may see. A ``RankMask`` is also a mask
+    predicate ``mod(b, h, q_idx, kv_idx)``, so :func:`render_mask`, :func:`to_block_mask`,
+    :func:`~kexue.attention.attention` and :func:`~kexue.attention.attention_reference` take it as it is.
+
+    Tensors are ``[L]`` (shared by the batch) or ``[B, L]``, integers in ``[0, 2**30]``. ``q_len`` / ``k_len``
+    are taken from the tensors; give them for a mask with no tensor on that side (e.g. :meth:`causal`).
+    ``q_len=None`` on such a side means "any number of queries" (a padding mask).
+
+    Example:
+        >>> m = RankMask.unilm(torch.tensor([[0, 0, 1, 1]]))
+        >>> render_mask(m, 1, 1, 4, 4)[0, 0].int().tolist()
+        [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+        >>> torch.equal(m.to_dense(), unilm_mask(torch.tensor([[0, 0, 1, 1]])))
+        True
+    """
+
+    HIDDEN = _RANK_MAX
+
+    def __init__(self, q_rank: Tensor | None = None, k_rank: Tensor | None = None, *,
+                 q_group: Tensor | None = None, k_group: Tensor | None = None, causal_offset: int | None = None,
+                 q_len: int | None = None, k_len: int | None = None) -> None:
+        q_rank = _check_ids("q_rank", q_rank, _RANK_MAX - 1)
+        k_rank = _check_ids("k_rank", k_rank, _RANK_MAX)
+        q_group = _check_ids("q_group", q_group, _RANK_MAX)
+        k_group = _check_ids("k_group", k_group, _RANK_MAX)
+        if (q_group is None) != (k_group is None):
+            raise ValueError("q_group and k_group must be given together")
+        if causal_offset is not None and (isinstance(causal_offset, bool) or not isinstance(causal_offset, int)):
+            raise TypeError(f"causal_offset must be an int or None, got {type(causal_offset).__name__}")
+        self._set(q_rank, k_rank, q_group, k_group, causal_offset, q_len, k_len)
+
+    def _set(self, q_rank: Tensor | None, k_rank: Tensor | None, q_group: Tensor | None, k_group: Tensor | None,
+             causal_offset: int | None, q_len: int | None, k_len: int | None) -> None:
+        """Store checked (or built-valid) ``[B|1, L]`` int32 tensors and work out the lengths, batch, device."""
+        self.q_rank, self.k_rank, self.q_group, self.k_group = q_rank, k_rank, q_group, k_group
+        self.causal_offset = causal_offset
+        self.q_len = self._length("q", q_len, (q_rank, q_group))
+        self.k_len = self._length("k", k_len, (k_rank, k_group))
+        if self.k_len is None:
+            raise ValueError("k_len must be given when the mask has no key tensor (k_rank or k_group)")
+        tensors = [t for t in (q_rank, k_rank, q_group, k_group) if t is not None]
+        batches = {t.shape[0] for t in tensors} - {1}
+        if len(batches) > 1:
+            raise ValueError(f"the mask's tensors must share the batch size (or have 1), got "
+                             f"{sorted(t.shape[0] for t in tensors)}")
+        if len({t.device for t in tensors}) > 1:
+            raise ValueError(f"the mask's tensors must be on one device, got "
+                             f"{sorted({str(t.device) for t in tensors})}")
+        self.batch = batches.pop() if batches else 1
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+
+    @classmethod
+    def _built(cls, q_rank: Tensor | None = None, k_rank: Tensor | None = None, *, q_group: Tensor | None = None,
+               k_group: Tensor | None = None, causal_offset: int | None = None, q_len: int | None = None,
+               k_len: int | None = None) -> RankMask:
+        """A mask from tensors valid by construction (the builders'): no value check, hence no device sync."""
+        def as2d(t: Tensor | None) -> Tensor | None:
+            return None if t is None else (t if t.dim() == 2 else t.unsqueeze(0)).to(torch.int32)
+
+        m = cls.__new__(cls)
+        m._set(as2d(q_rank), as2d(k_rank), as2d(q_group), as2d(k_group), causal_offset, q_len, k_len)
+        return m
+
+    @staticmethod
+    def _length(side: str, given: int | None, tensors: tuple[Tensor | None, ...]) -> int | None:
+        lens = {t.shape[-1] for t in tensors if t is not None}
+        if given is not None:
+            lens.add(_check_len(f"{side}_len", given))
+        if len(lens) > 1:
+            raise ValueError(f"{side}_rank, {side}_group and {side}_len disagree on the length: {sorted(lens)}")
+        return lens.pop() if lens else None
+
+    # ---- as a predicate
+    @staticmethod
+    def _at(t: Tensor, b: Tensor, idx: Tensor) -> Tensor:
+        return t[b if t.shape[0] > 1 else torch.zeros_like(b), idx]
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        ok = torch.ones((), dtype=torch.bool, device=kv_idx.device) if self.k_rank is None and self.q_rank is None \
+            else None
+        if self.k_rank is not None or self.q_rank is not None:
+            kr = self._at(self.k_rank, b, kv_idx) if self.k_rank is not None else torch.zeros_like(kv_idx)
+            if self.q_rank is not None:
+                ok = kr <= self._at(self.q_rank, b, q_idx)
+            else:
+                ok = (kr < _RANK_MAX) | (q_idx < 0)         # (q_idx only to broadcast over the rows)
+        if self.q_group is not None:
+            ok = ok & (self._at(self.k_group, b, kv_idx) == self._at(self.q_group, b, q_idx))
+        if self.causal_offset is not None:
+            ok = ok & (kv_idx <= q_idx + self.causal_offset)
+        return ok
+
+    def to_dense(self, q_len: int | None = None, device: torch.device | str | None = None) -> Tensor:
+        """The same mask as a bool tensor ``[B|1, 1, Q, K]`` (``[B|1, 1, 1, K]`` when it is the same for every
+        query), with its row counts attached, as the builders attach theirs."""
+        q = self.q_len if self.q_len is not None else q_len
+        broadcast_rows = q is None
+        if broadcast_rows:
+            if self.causal_offset is not None or self.q_group is not None:
+                raise ValueError("q_len must be given: this mask differs between query rows")
+            q = 1
+        elif q_len is not None and q_len != q:
+            raise ValueError(f"q_len={q_len} does not match the mask's query length {q}")
+        dev = torch.device(device) if device is not None else self.device
+        m = render_mask(self, self.batch, 1, q, self.k_len, dev).contiguous()
+        return _attach_counts(m, _row_counts(m), ranks=self)
+
+    # ---- constructors for the masks of article 3
+    @classmethod
+    def causal(cls, q_len: int, k_len: int | None = None, device: torch.device | str | None = None) -> RankMask:
+        """The LM mask (:func:`causal_mask`): right-aligned when ``k_len > q_len`` (a kv-cache)."""
+        q_len = _check_len("q_len", q_len)
+        k_len = q_len if k_len is None else _check_len("k_len", k_len)
+        if k_len < q_len:
+            raise ValueError(f"k_len must be >= q_len for a right-aligned causal mask, got q_len={q_len}, "
+                             f"k_len={k_len}")
+        m = cls._built(causal_offset=k_len - q_len, q_len=q_len, k_len=k_len)
+        if device is not None:
+            m.device = torch.device(device)
+        return m
+
+    @classmethod
+    def padding(cls, attention_mask: Tensor) -> RankMask:
+        """Hide the padding keys (``attention_mask`` 0/1 ``[B, L]``); any number of queries (:func:`padding_mask`)."""
+        am = _check_binary("attention_mask", attention_mask)
+        return cls._built(k_rank=(1 - am) * _RANK_MAX)
+
+    @classmethod
+    def unilm(cls, segment_ids: Tensor, attention_mask: Tensor | None = None) -> RankMask:
+        """UniLM seq2seq (:func:`unilm_mask`): ``rank = cumsum(segment_ids)``; padding keys hidden."""
+        s = _check_binary("segment_ids", segment_ids)
+        c = s.cumsum(-1)
+        kr = c
+        if attention_mask is not None:
+            am = _check_binary("attention_mask", attention_mask)
+            if am.shape != s.shape:
+                raise ValueError(f"attention_mask must have the shape of segment_ids {tuple(segment_ids.shape)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            kr = torch.where(am.bool(), c, _RANK_MAX)
+        return cls._built(c, kr)
+
+    @classmethod
+    def prefix_lm(cls, prefix_len: int | Tensor, seq_len: int,
+                  device: torch.device | str | None = None) -> RankMask:
+        """Prefix-LM (:func:`prefix_lm_mask`): ``rank = max(position, prefix_len - 1)``."""
+        L = _check_len("seq_len", seq_len)
+        if isinstance(prefix_len, Tensor):
+            if prefix_len.is_floating_point() or prefix_len.dtype == torch.bool or prefix_len.dim() != 1:
+                raise TypeError(f"prefix_len must be an int or a 1-D integer tensor [B], got dtype "
+                                f"{prefix_len.dtype} and shape {tuple(prefix_len.shape)}")
+            if prefix_len.numel() and bool(((prefix_len < 0) | (prefix_len > L)).any()):
+                raise ValueError(f"prefix_len must lie in [0, seq_len={L}], got {prefix_len.tolist()}")
+            dev = device if device is not None else prefix_len.device
+            p = prefix_len.to(dev).long()[:, None]
+        else:
+            p_int = _check_len("prefix_len", prefix_len)
+            if p_int > L:
+                raise ValueError(f"prefix_len must be <= seq_len={L}, got {p_int}")
+            dev = device
+            p = torch.tensor([[p_int]], device=dev)
+        r = torch.maximum(torch.arange(L, device=dev)[None], p - 1)
+        return cls._built(r, r)
+
+    @classmethod
+    def permutation(cls, order: Tensor) -> RankMask:
+        """Permutation LM (:func:`permutation_mask`): ``rank = the step at which a position is generated``."""
+        r = _rank(_check_order("order", order))
+        return cls._built(r, r)
+
+    @classmethod
+    def documents(cls, document_ids: Tensor, causal: bool = False) -> RankMask:
+        """Packed sequences: a token sees the tokens of its own document only (``document_ids`` ``[L]`` or
+        ``[B, L]``, one id per token), bidirectionally or, with ``causal=True``, up to itself."""
+        return cls(q_group=document_ids, k_group=document_ids, causal_offset=0 if causal else None)
+
+    def with_key_padding(self, attention_mask: Tensor) -> RankMask:
+        """This mask with the padding keys of ``attention_mask`` (0/1 ``[B, K]``) hidden as well."""
+        am = _check_binary("attention_mask", attention_mask)
+        if am.shape[-1] != self.k_len:
+            raise ValueError(f"attention_mask must have {self.k_len} keys, got shape {tuple(attention_mask.shape)}")
+        am = am.to(self.device)
+        kr = self.k_rank if self.k_rank is not None else torch.zeros(1, self.k_len, dtype=torch.int32,
+                                                                      device=self.device)
+        return RankMask._built(self.q_rank, torch.where(am.bool(), kr, _RANK_MAX), q_group=self.q_group,
+                               k_group=self.k_group, causal_offset=self.causal_offset, q_len=self.q_len,
+                               k_len=self.k_len)
+
+    def _fields(self) -> tuple:
+        return (self.q_rank, self.k_rank, self.q_group, self.k_group, self.causal_offset, self.q_len, self.k_len,
+                str(self.device))
+
+    def __repr__(self) -> str:
+        parts = [f"batch={self.batch}", f"q_len={self.q_len}", f"k_len={self.k_len}"]
+        if self.q_rank is not None or self.k_rank is not None:
+            parts.append("ranks")
+        if self.q_group is not None:
+            parts.append("groups")
+        if self.causal_offset is not None:
+            parts.append(f"causal_offset={self.causal_offset}")
+        return f"RankMask({', '.join(parts)})"
+
+
 # ------------------------------------------------------------------------------------------- builders
 def causal_mask(q_len: int, k_len: int | None = None, device: torch.device | str | None = None) -> Tensor:
     """Rendered causal mask ``[q_len, k_len]`` (True = may attend), right-aligned when ``k_len > q_len``.
@@ -499,7 +758,9 @@ def causal_mask(q_len: int, k_len: int | None = None, device: torch.device | str
         raise ValueError(f"k_len must be >= q_len for a right-aligned causal mask, got q_len={q_len}, "
                          f"k_len={k_len}")
     m = render_mask(causal(k_len - q_len), 1, 1, q_len, k_len, device)[0, 0].contiguous()
-    return _attach_counts(m, torch.arange(k_len - q_len + 1, k_len + 1, device=m.device))
+    ranks = RankMask._built(causal_offset=k_len - q_len, q_len=q_len, k_len=k_len)
+    ranks.device = m.device
+    return _attach_counts(m, torch.arange(k_len - q_len + 1, k_len + 1, device=m.device), ranks)
 
 
 def padding_mask(attention_mask: Tensor) -> Tensor:
@@ -510,7 +771,8 @@ def padding_mask(attention_mask: Tensor) -> Tensor:
         torch.Size([1, 1, 1, 3])
     """
     am = _check_binary("attention_mask", attention_mask)
-    return _attach_counts(am.bool()[:, None, None, :].contiguous(), am.sum(-1)[:, None, None])
+    return _attach_counts(am.bool()[:, None, None, :].contiguous(), am.sum(-1)[:, None, None],
+                          RankMask._built(k_rank=(1 - am) * _RANK_MAX))
 
 
 def unilm_mask(segment_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -538,7 +800,7 @@ def unilm_mask(segment_ids: Tensor, attention_mask: Tensor | None = None) -> Ten
     # keys per row without reading the mask: c is non-decreasing, so {j : c[j] <= c[i]} = {0, ..., r_i - 1}
     c = s.cumsum(-1)
     r = torch.searchsorted(c, c, right=True)
-    counts = r
+    counts, k_rank = r, c
     if attention_mask is not None:
         am = _check_binary("attention_mask", attention_mask)
         if am.shape != s.shape:
@@ -547,7 +809,8 @@ def unilm_mask(segment_ids: Tensor, attention_mask: Tensor | None = None) -> Ten
         m = m & am.bool()[:, None, None, :]
         visible = torch.cat([am.new_zeros(B, 1), am.cumsum(-1)], -1)   # visible[r] = real keys among 0..r-1
         counts = visible.gather(-1, r)
-    return _attach_counts(m.contiguous(), counts[:, None, :])
+        k_rank = torch.where(am.bool(), c, _RANK_MAX)
+    return _attach_counts(m.contiguous(), counts[:, None, :], RankMask._built(c, k_rank))
 
 
 def prefix_lm_mask(prefix_len: int | Tensor, seq_len: int,
@@ -569,12 +832,14 @@ def prefix_lm_mask(prefix_len: int | Tensor, seq_len: int,
         dev = device if device is not None else prefix_len.device
         m = render_mask(mod, prefix_len.shape[0], 1, L, L, dev).contiguous()
         steps = torch.arange(1, L + 1, device=m.device)
-        return _attach_counts(m, torch.maximum(steps, prefix_len.to(m.device).long()[:, None])[:, None, :])
+        counts = torch.maximum(steps, prefix_len.to(m.device).long()[:, None])      # = rank + 1
+        return _attach_counts(m, counts[:, None, :], RankMask._built(counts - 1, counts - 1))
     p = _check_len("prefix_len", prefix_len)
     if p > L:
         raise ValueError(f"prefix_len must be <= seq_len={L}, got {p}")
     m = render_mask(prefix_lm(p), 1, 1, L, L, device)[0, 0].contiguous()
-    return _attach_counts(m, torch.arange(1, L + 1, device=m.device).clamp_min(p))
+    counts = torch.arange(1, L + 1, device=m.device).clamp_min(p)                    # = rank + 1
+    return _attach_counts(m, counts, RankMask._built(counts - 1, counts - 1))
 
 
 def permutation_mask(order: Tensor) -> Tensor:
@@ -597,11 +862,13 @@ def permutation_mask(order: Tensor) -> Tensor:
     """
     o = _check_order("order", order)
     L = o.shape[-1]
-    counts = _rank(o) + 1                                   # position i sees the rank(i) + 1 steps up to its own
+    rank = _rank(o)
+    counts = rank + 1                                       # position i sees the rank(i) + 1 steps up to its own
+    ranks = RankMask._built(rank, rank)
     if o.dim() == 1:
-        return _attach_counts(render_mask(permutation(o), 1, 1, L, L, o.device)[0, 0].contiguous(), counts)
+        return _attach_counts(render_mask(permutation(o), 1, 1, L, L, o.device)[0, 0].contiguous(), counts, ranks)
     return _attach_counts(render_mask(permutation(o), o.shape[0], 1, L, L, o.device).contiguous(),
-                          counts[:, None, :])
+                          counts[:, None, :], ranks)
 
 
 def permute_for_plm(tokens: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,319 @@
+"""Triton kernels of :mod:`kexue.attention.fused`: flash-style attention whose mask and per-row scale are worked
+out inside the kernel from O(L) numbers.
+
+Imported only when the fused path runs (it needs ``triton``). Under ``TRITON_INTERPRET=1`` the same kernels run
+on CPU tensors in Triton's interpreter (numpy): that is how the test suite checks them without a GPU.
+
+Notation (one program handles ``BLOCK_M`` query rows of one (batch, head), or ``BLOCK_N`` keys in dK/dV):
+
+* key ``j`` is visible to query ``i`` iff ``j < K`` and
+
+  - ``k_rank[j] <= q_rank[i]``            (``HAS_RANK``: UniLM cumsum, prefix-LM, permutation order, padding)
+  - ``k_group[j] == q_group[i]``          (``HAS_GROUP``: packed documents)
+  - ``j <= i + causal_offset``            (``IS_CAUSAL``: top-left with offset 0, kv-cache with ``K - Q``)
+
+* the logits of row ``i`` are ``c_i * q_i . k_j`` with ``c_i = sm_scale * log_base(max(n_i, min_n)) * mult_i``:
+  the log factor when ``ENTROPY`` (``n_i`` = visible keys, read from ``COUNTS`` when ``HAS_COUNTS``, else
+  counted here), ``mult_i`` when ``HAS_MULT`` (any per-row or per-head multiplier, differentiable).
+* the forward keeps ``lse2_i = log2 sum_j exp2(c_i log2(e) q_i . k_j)`` (``+inf`` for a row that sees no key,
+  whose output is 0) and ``cb_i = c_i / mult_i`` for the backward.
+
+Blocks of keys that no row of the block may see are skipped (rank / group ranges, causal bounds), so a UniLM or
+prefix-LM mask costs only the visible blocks and an L x L mask is never read.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+BIG = 1 << 30          # rank given to hidden keys; also the "minus infinity" of rank ranges
+
+
+@triton.jit
+def _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset,
+             IS_CAUSAL: tl.constexpr, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr):
+    vis = (offs_n[None, :] < Lk) & (offs_m[:, None] >= 0)
+    if IS_CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+    if HAS_RANK:
+        vis = vis & (kr[None, :] <= qr[:, None])
+    if HAS_GROUP:
+        vis = vis & (kg[None, :] == qg[:, None])
+    return vis
+
+
+@triton.jit
+def _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
+               HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr):
+    """Query ranks / groups of a row block and their ranges (rows past the end: rank -BIG, group range empty)."""
+    qr = offs_m
+    qr_max = 0
+    qg = offs_m
+    qg_min = 0
+    qg_max = 0
+    if HAS_RANK:
+        qr = tl.load(QR + b * sqrb + offs_m * sqrm, mask=row_ok, other=-BIG)
+        qr_max = tl.max(qr, 0)
+    if HAS_GROUP:
+        qg = tl.load(QG + b * sqgb + offs_m * sqgm, mask=row_ok, other=0)
+        qg_min = tl.min(tl.where(row_ok, qg, BIG), 0)
+        qg_max = tl.max(tl.where(row_ok, qg, -BIG), 0)
+    return qr, qr_max, qg, qg_min, qg_max
+
+
+@triton.jit
+def _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr):
+    """Key ranks / groups of a key block and their ranges (keys past the end: hidden)."""
+    kr = offs_n
+    kr_min = 0
+    kg = offs_n
+    kg_min = 0
+    kg_max = 0
+    if HAS_RANK:
+        kr = tl.load(KR + b * skrb + offs_n, mask=col_ok, other=BIG)
+        kr_min = tl.min(kr, 0)
+    if HAS_GROUP:
+        kg = tl.load(KG + b * skgb + offs_n, mask=col_ok, other=0)
+        kg_min = tl.min(tl.where(col_ok, kg, BIG), 0)
+        kg_max = tl.max(tl.where(col_ok, kg, -BIG), 0)
+    return kr, kr_min, kg, kg_min, kg_max
+
+
+@triton.jit
+def _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr):
+    """Whether some row of the query block may see some key of the key block (a necessary condition)."""
+    live = True
+    if HAS_RANK:
+        live = kr_min <= qr_max
+    if HAS_GROUP:
+        overlap = (kg_min <= qg_max) & (kg_max >= qg_min)
+        if HAS_RANK:
+            live = live & overlap
+        else:
+            live = overlap
+    return live
+
+
+@triton.jit
+def _operand(x, UPCAST: tl.constexpr):
+    # Triton's interpreter cannot multiply bf16 operands (it stores them as uint16): there they are widened to
+    # fp32 after the same rounding the GPU applies, so the arithmetic matches up to accumulation order
+    if UPCAST:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+                scb, scm, sqrb, sqrm, skrb, sqgb, sqgm, skgb, smb, smh, smm,
+                H, Lq, Lk, D, DV, sm_scale, inv_log2_base, min_n, causal_offset,
+                IS_CAUSAL: tl.constexpr, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr,
+                ENTROPY: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_MULT: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Lq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _operand(q, UPCAST)
+    qr, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
+                                                HAS_RANK, HAS_GROUP)
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + causal_offset)
+
+    # ---- the per-row scale c_i
+    cb = tl.full([BLOCK_M], 1.0, tl.float32) * sm_scale
+    if ENTROPY:
+        if HAS_COUNTS:
+            n = tl.load(COUNTS + b * scb + offs_m * scm, mask=row_ok, other=0).to(tl.float32)
+        elif HAS_RANK or HAS_GROUP:
+            cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
+            for start_n in range(0, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                col_ok = offs_n < Lk
+                kr, kr_min, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb,
+                                                            HAS_RANK, HAS_GROUP)
+                if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
+                    vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK,
+                                   HAS_GROUP)
+                    cnt += tl.sum(vis.to(tl.int32), 1)
+            n = cnt.to(tl.float32)
+        elif IS_CAUSAL:
+            n = tl.minimum(tl.maximum(offs_m + 1 + causal_offset, 0), Lk).to(tl.float32)
+        else:
+            n = tl.full([BLOCK_M], 1.0, tl.float32) * Lk
+        cb = cb * (tl.log2(tl.maximum(n, min_n)) * inv_log2_base)
+    c = cb
+    if HAS_MULT:
+        c = cb * tl.load(MULT + b * smb + h * smh + offs_m * smm, mask=row_ok, other=1.0).to(tl.float32)
+    c2 = c * LOG2E
+
+    # ---- online softmax over the visible key blocks
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Lk
+        kr, kr_min, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
+        if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                        mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                        mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            qk = tl.dot(q, tl.trans(_operand(k, UPCAST)), input_precision=PRECISION)
+            vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
+            s = tl.where(vis, qk * c2[:, None], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with nothing visible yet
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pv = _operand(p.to(V.dtype.element_ty), UPCAST)
+            acc = acc * alpha[:, None] + tl.dot(pv, _operand(v, UPCAST), input_precision=PRECISION)
+            m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    row = pid_bh.to(tl.int64) * Lq + offs_m
+    tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log2(l_safe)), mask=row_ok)
+    tl.store(CB + row, cb, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+                     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+                     sqrb, sqrm, skrb, sqgb, sqgm, skgb, smb, smh, smm,
+                     H, Lq, Lk, D, DV, causal_offset,
+                     IS_CAUSAL: tl.constexpr, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr,
+                     HAS_MULT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DV: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < Lk
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = _operand(k, UPCAST)
+    v = _operand(v, UPCAST)
+    kr, kr_min, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    lo = 0
+    if IS_CAUSAL:   # the first query that may see this block's first key: i >= start_n - causal_offset
+        lo = tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+    row_base = pid_bh.to(tl.int64) * Lq
+    for start_m in range(lo, Lq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Lq
+        qr, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
+                                                    HAS_RANK, HAS_GROUP)
+        if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            q = _operand(q, UPCAST)
+            do = _operand(do, UPCAST)
+            lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+            c = tl.load(CB + row_base + offs_m, mask=row_ok, other=0.0)
+            if HAS_MULT:
+                c = c * tl.load(MULT + b * smb + h * smh + offs_m * smm, mask=row_ok, other=1.0).to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
+            vis = vis & row_ok[:, None]
+            p = tl.where(vis, tl.exp2(qk * (c * LOG2E)[:, None] - lse[:, None]), 0.0)
+            pt = _operand(tl.trans(p).to(DO.dtype.element_ty), UPCAST)
+            dv += tl.dot(pt, do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])                   # d loss / d logits
+            dst = _operand(tl.trans(ds * c[:, None]).to(Q.dtype.element_ty), UPCAST)
+            dk += tl.dot(dst, q, input_precision=PRECISION)
+    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_ + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+             dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, DC, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
+                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+                   sdqb, sdqh, sdqm, sdqd,
+                   sqrb, sqrm, skrb, sqgb, sqgm, skgb, smb, smh, smm,
+                   H, Lq, Lk, D, DV, causal_offset,
+                   IS_CAUSAL: tl.constexpr, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr,
+                   HAS_MULT: tl.constexpr, GRAD_C: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Lq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = _operand(q, UPCAST)
+    do = _operand(do, UPCAST)
+    row = pid_bh.to(tl.int64) * Lq + offs_m
+    lse = tl.load(LSE + row, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+    c = tl.load(CB + row, mask=row_ok, other=0.0)
+    if HAS_MULT:
+        c = c * tl.load(MULT + b * smb + h * smh + offs_m * smm, mask=row_ok, other=1.0).to(tl.float32)
+    c2 = c * LOG2E
+    qr, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
+                                                HAS_RANK, HAS_GROUP)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + causal_offset)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Lk
+        kr, kr_min, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
+        if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                        mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                        mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            k = _operand(k, UPCAST)
+            v = _operand(v, UPCAST)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
+            p = tl.where(vis, tl.exp2(qk * c2[:, None] - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(_operand(ds.to(K.dtype.element_ty), UPCAST), k, input_precision=PRECISION)
+            if GRAD_C:
+                dc += tl.sum(ds * qk, 1)
+    dq = dq * c[:, None]
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    if GRAD_C:
+        tl.store(DC + row, dc, mask=row_ok)

@@ -1,0 +1,353 @@
+"""One fused kernel for the masks of article 3 and the scale of article 8: :func:`fused_attention`.
+
+``attention(q, k, v, mask, scale="entropy")`` on SDPA pre-multiplies q by its per-row factor in a kernel of its
+own and hands SDPA an L x L mask. Here both are worked out inside one flash-attention kernel (Triton) from
+O(L) numbers, a :class:`~kexue.attention.masks.RankMask`:
+
+* the mask: query ``i`` sees key ``j`` iff ``k_rank[j] <= q_rank[i]`` (UniLM's ``cumsum(segment_ids)``,
+  prefix-LM, permutation order, hidden padding keys), ``k_group[j] == q_group[i]`` (packed documents) and
+  ``j <= i + offset`` (causal) -- no L x L mask is built or read, and the key blocks no row of a query block
+  may see are skipped;
+* the scale: ``c_i = log_base(max(n_i, min_n)) / sqrt(d)`` (kexue.fm/archives/8823), with ``n_i`` the number of
+  keys row ``i`` sees, counted in the kernel (or taken from the counts a mask builder attached); a per-head
+  :class:`~kexue.attention.LogNScale` or a per-row scale tensor multiplies in, with gradients.
+
+A row that sees no key outputs 0 with zero gradients, as everywhere in :mod:`kexue.attention`. fp16 and bf16
+are computed with fp32 accumulation (p and dS rounded to the input type before their matrix products, as
+FlashAttention does); fp32 in full fp32 products (no TF32). No dropout.
+
+Where it runs: CUDA tensors with ``triton`` installed (``fused_available()``). With ``TRITON_INTERPRET=1`` set
+before the first call, Triton's interpreter runs the same kernels on CPU tensors (slowly): that is how the
+test suite checks them against :func:`~kexue.attention.attention_reference` on a machine without a GPU. The
+reference is the definition; this is a fast path, and ``attention(..., backend="fused")`` is how a model
+asks for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from kexue._checks import check_positive
+
+from .masks import _RANK_MAX, RankMask, _as_allowed, _attached_ranks
+from .scaling import LogNScale, ScaleArg, _check_base, _check_min_n, _row_multiplier
+
+__all__ = ["fused_attention", "fused_available"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """The Triton kernels module (imported on first use: importing triton takes a while)."""
+    try:
+        from . import _triton_kernels
+    except ImportError as exc:          # no triton in this environment
+        raise RuntimeError("the fused attention kernel needs Triton (pip install triton) and a CUDA device; "
+                           "use backend='sdpa' instead") from exc
+    return _triton_kernels
+
+
+def _interpreting() -> bool:
+    """Whether the kernels were built for Triton's interpreter (``TRITON_INTERPRET=1`` when first imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_kernels()._fwd_kernel, InterpretedFunction)
+
+
+def fused_available(device: torch.device | str = "cuda") -> bool:
+    """Whether :func:`fused_attention` can run on ``device`` here: Triton importable and a CUDA device (any device
+    under Triton's interpreter, ``TRITON_INTERPRET=1``).
+
+    Example:
+        >>> isinstance(fused_available("cpu"), bool)
+        True
+    """
+    try:
+        _kernels()
+    except RuntimeError:
+        return False
+    dev = torch.device(device)
+    if _interpreting():
+        return True
+    return dev.type == "cuda" and torch.cuda.is_available()
+
+
+# Launch settings (block sizes, warps, pipeline stages) by (pass, head-dim bucket, fp32?). Picked, not tuned:
+# no GPU has run these kernels yet. Under the interpreter small blocks make small test shapes span many blocks.
+_GPU_CONFIGS: dict[tuple[str, int, bool], tuple[int, int, int, int]] = {
+    ("fwd", 64, False): (128, 64, 4, 3), ("fwd", 128, False): (128, 64, 8, 3), ("fwd", 256, False): (64, 32, 8, 2),
+    ("fwd", 64, True): (64, 32, 4, 2), ("fwd", 128, True): (64, 32, 8, 2), ("fwd", 256, True): (32, 32, 8, 1),
+    ("bwd", 64, False): (64, 64, 4, 2), ("bwd", 128, False): (64, 64, 8, 2), ("bwd", 256, False): (32, 32, 8, 1),
+    ("bwd", 64, True): (32, 32, 4, 2), ("bwd", 128, True): (32, 32, 8, 1), ("bwd", 256, True): (16, 32, 8, 1),
+}
+_INTERPRETER_BLOCKS = (16, 16)          # tests may change it (e.g. to (32, 16)) to cover unequal blocks
+
+
+def _config(kind: str, head_dim: int, fp32: bool) -> tuple[int, int, int, int]:
+    if _interpreting():
+        return (*_INTERPRETER_BLOCKS, 1, 1)
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return _GPU_CONFIGS[(kind, bucket, fp32)]
+
+
+@dataclass
+class _Spec:
+    """What the kernels need besides q, k, v and the multiplier: the mask vectors (int32, expanded to
+    ``[B, L]`` views, or q as a placeholder), the row counts, and the numbers."""
+
+    qr: Tensor
+    kr: Tensor
+    qg: Tensor
+    kg: Tensor
+    counts: Tensor
+    has_rank: bool
+    has_group: bool
+    has_counts: bool
+    is_causal: bool
+    causal_offset: int
+    entropy: bool
+    sm_scale: float
+    inv_log2_base: float
+    min_n: float
+
+
+def _prepared(rm: RankMask, device: torch.device) -> tuple[Tensor | None, ...]:
+    """The mask's vectors as int32 on ``device`` (kept on the mask object: a model reuses one mask per layer)."""
+    cache = rm.__dict__.setdefault("_fused_cache", {})
+    got = cache.get(device)
+    if got is None:
+        def i32(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device=device, dtype=torch.int32).contiguous()
+
+        got = (i32(rm.q_rank), i32(rm.k_rank), i32(rm.q_group), i32(rm.k_group))
+        cache.clear()
+        cache[device] = got
+    return got
+
+
+def _resolve_mask(mask: object, is_causal: bool, B: int, Lq: int, Lk: int,
+                  device: torch.device) -> tuple[RankMask | None, Tensor | None, int | None]:
+    """(the RankMask, row counts usable as they are or None, causal offset or None) for ``mask``."""
+    from .core import _MaskMemo
+
+    if isinstance(mask, _MaskMemo):
+        mask = mask.mask
+    counts = None
+    if mask is None:
+        rm = None
+    elif isinstance(mask, RankMask):
+        rm = mask
+    elif isinstance(mask, Tensor):
+        got = _attached_ranks(mask)
+        if got is None:
+            raise ValueError("the fused kernel computes its mask from O(L) numbers: pass mask=None, a RankMask, or "
+                             "a mask from kexue's builders (unilm_mask, causal_mask, prefix_lm_mask, "
+                             "permutation_mask, padding_mask) unchanged since it was built; this bool/float tensor "
+                             "carries no such structure (use backend='sdpa' for an arbitrary mask)")
+        rm, counts = got
+    else:
+        raise TypeError(f"mask must be None, a RankMask or a mask tensor from kexue's builders for the fused kernel, "
+                        f"got {type(mask).__name__} (use backend='sdpa' for predicates and block masks)")
+    offset = None
+    if rm is not None:
+        if rm.batch not in (1, B):
+            raise ValueError(f"the mask has batch size {rm.batch}, the inputs {B}")
+        if rm.q_len not in (None, Lq) or rm.k_len != Lk:
+            raise ValueError(f"the mask is for (Q, K) = ({rm.q_len}, {rm.k_len}), the inputs have ({Lq}, {Lk})")
+        offset = rm.causal_offset
+    if is_causal:                       # SDPA's is_causal (top-left) on top of the mask
+        offset = 0 if offset is None else min(offset, 0)
+        counts = None
+    return rm, counts, offset
+
+
+def _resolve_scale(scale: ScaleArg, q: Tensor, Lk: int, rm: RankMask | None, is_causal: bool, min_n: float,
+                   base: float) -> tuple[bool, Tensor | None, float, float, float]:
+    """(entropy?, multiplier ``[B|1, H|1, Q|1]`` or None, kernel scale, min_n, base)."""
+    B, H, Lq, D = q.shape
+    inv = 1.0 / math.sqrt(D)
+    if isinstance(scale, str):
+        if scale == "standard":
+            return False, None, inv, min_n, base
+        if scale == "entropy":
+            return True, None, inv, min_n, base
+        raise ValueError(f"scale must be 'standard', 'entropy', a positive float, a tensor or a callable, "
+                         f"got {scale!r}")
+    if isinstance(scale, LogNScale):    # s_h * log_base(n): the log factor in the kernel, s_h as the multiplier
+        if scale.num_heads not in (1, H):
+            raise ValueError(f"LogNScale has {scale.num_heads} heads, the inputs {H}")
+        return True, scale.s.view(1, -1, 1), inv, scale.min_n, scale.base
+    if isinstance(scale, Tensor):
+        mult, s = _row_multiplier(scale, None, D, min_n, base, q)
+        assert mult is not None
+        return False, mult.reshape((1,) * (4 - mult.dim()) + tuple(mult.shape))[..., 0], s, min_n, base
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return False, None, check_positive("scale", scale), min_n, base
+    if callable(scale):                 # any other callable: counted here (an L x L pass), then a multiplier
+        allowed = _as_allowed(rm, rm.batch if rm is not None else 1, 1, Lq, Lk, is_causal, q.device)
+        counts = allowed.sum(-1) if allowed is not None else torch.full((Lq,), Lk, device=q.device)
+        mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
+        assert mult is not None
+        return False, mult.reshape((1,) * (4 - mult.dim()) + tuple(mult.shape))[..., 0], s, min_n, base
+    raise TypeError(f"scale must be 'standard', 'entropy', a float, a tensor or a callable, got {type(scale).__name__}")
+
+
+@torch.compiler.disable
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: RankMask | Tensor | None = None,
+                    scale: ScaleArg = "standard", min_n: float = 16, base: float = 512,
+                    is_causal: bool = False) -> Tensor:
+    """Softmax attention with the mask and the per-row scale computed inside one Triton kernel (forward and
+    backward), for CUDA tensors.
+
+    Same conventions and results as :func:`~kexue.attention.attention` (``q [B, H, Q, D]``, ``k [B, H, K, D]``,
+    ``v [B, H, K, Dv]``; a row that sees no key outputs 0; ``is_causal`` is SDPA's top-left causal mask, ANDed
+    with ``mask``). ``mask`` is ``None``, a :class:`~kexue.attention.masks.RankMask`, or a mask returned by
+    ``unilm_mask``, ``causal_mask``, ``prefix_lm_mask``, ``permutation_mask`` or ``padding_mask`` (their
+    structure travels with them; the L x L tensor itself is never read). ``scale``: ``"standard"``,
+    ``"entropy"`` (``log_base(max(n_i, min_n))/sqrt(d)``, ``n_i`` = keys row ``i`` sees), a float, a
+    :class:`~kexue.attention.LogNScale`, a tensor broadcastable to ``[B, H, Q, 1]`` or a callable of the row
+    counts. Inputs: fp16, bf16 or fp32, head dims up to 256. Differentiable in q, k, v and a tensor or
+    learnable scale (not twice). No dropout.
+
+    Example (needs a CUDA device and Triton):
+        >>> seg = torch.tensor([[0] * 300 + [1] * 212]).cuda()                  # doctest: +SKIP
+        >>> q = k = v = torch.randn(1, 8, 512, 64, device="cuda", dtype=torch.bfloat16)   # doctest: +SKIP
+        >>> out = fused_attention(q, k, v, RankMask.unilm(seg), scale="entropy")  # doctest: +SKIP
+    """
+    from .core import _check_qkv, attention_reference
+
+    B, H, Lq, Lk, D = _check_qkv(q, k, v)
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"the fused kernel takes fp16, bf16 or fp32 inputs, got {q.dtype}")
+    DV = v.shape[-1]
+    if D > _MAX_HEAD_DIM or DV > _MAX_HEAD_DIM:
+        raise ValueError(f"the fused kernel takes head dims up to {_MAX_HEAD_DIM}, got {D} and {DV}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    _check_min_n(min_n)
+    _check_base(base)
+    _kernels()                                  # (raises when Triton is missing)
+    if not _interpreting():
+        if q.device.type != "cuda":
+            raise ValueError(f"the fused kernel runs on CUDA tensors, got {q.device} (use backend='sdpa')")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    rm, counts, offset = _resolve_mask(mask, is_causal, B, Lq, Lk, q.device)
+    if Lq == 0 or Lk == 0:                      # nothing to launch: every row is empty (output 0) or no rows
+        return attention_reference(q, k, v, rm, "standard" if isinstance(scale, str) else scale, min_n=min_n,
+                                   base=base, is_causal=is_causal)
+    entropy, mult, sm_scale, min_n_, base_ = _resolve_scale(scale, q, Lk, rm, is_causal, min_n, base)
+    qr = kr = qg = kg = None
+    if rm is not None:
+        qr, kr, qg, kg = _prepared(rm, q.device)
+    has_rank = qr is not None or kr is not None
+    if has_rank and qr is None:     # "above every visible key"
+        qr = torch.full((1, 1), _RANK_MAX - 1, dtype=torch.int32, device=q.device)
+    if has_rank and kr is None:
+        kr = torch.zeros((1, Lk), dtype=torch.int32, device=q.device)
+    has_counts = entropy and counts is not None
+    spec = _Spec(
+        qr=qr.expand(B, Lq) if has_rank else q, kr=kr.expand(B, Lk) if has_rank else q,
+        qg=qg.expand(B, Lq) if qg is not None else q, kg=kg.expand(B, Lk) if kg is not None else q,
+        counts=counts.to(q.device).reshape(counts.shape[0] if counts.dim() == 3 else 1, -1).expand(B, Lq)
+        if has_counts else q,
+        has_rank=has_rank, has_group=qg is not None, has_counts=has_counts, is_causal=offset is not None,
+        causal_offset=0 if offset is None else offset, entropy=entropy, sm_scale=sm_scale,
+        inv_log2_base=1.0 / math.log2(base_), min_n=float(min_n_))
+    return _FusedAttention.apply(q, k, v, mult, spec)
+
+
+def _two_strides(t: Tensor, use: bool) -> tuple[int, int]:
+    return (t.stride(0), t.stride(1)) if use else (0, 0)
+
+
+def _mask_strides(spec: _Spec) -> tuple[int, ...]:
+    return (*_two_strides(spec.qr, spec.has_rank), spec.kr.stride(0) if spec.has_rank else 0,
+            *_two_strides(spec.qg, spec.has_group), spec.kg.stride(0) if spec.has_group else 0)
+
+
+def _mult_view(mult: Tensor | None, q: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    if mult is None:
+        return q, (0, 0, 0)
+    B, H, Lq, _ = q.shape
+    m = mult.expand(B, H, Lq)
+    return m, tuple(m.stride())         # (broadcast dims have stride 0)
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mult: Tensor | None, spec: _Spec) -> Tensor:
+        kern = _kernels()
+        B, H, Lq, D = q.shape
+        Lk, DV = k.shape[2], v.shape[3]
+        o = torch.empty((B, H, Lq, DV), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+        cb = torch.empty_like(lse)
+        BM, BN, warps, stages = _config("fwd", max(D, DV), q.dtype == torch.float32)
+        m, m_strides = _mult_view(mult, q)
+        counts_strides = spec.counts.stride() if spec.has_counts else (0, 0)
+        grid = (-(-Lq // BM), B * H)
+        kern._fwd_kernel[grid](
+            q, k, v, o, lse, cb, spec.counts, spec.qr, spec.kr, spec.qg, spec.kg, m,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *counts_strides, *_mask_strides(spec), *m_strides,
+            H, Lq, Lk, D, DV, spec.sm_scale, spec.inv_log2_base, spec.min_n, spec.causal_offset,
+            IS_CAUSAL=spec.is_causal, HAS_RANK=spec.has_rank, HAS_GROUP=spec.has_group, ENTROPY=spec.entropy,
+            HAS_COUNTS=spec.has_counts, HAS_MULT=mult is not None, **_dtype_flags(q),
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, o, lse, cb, *(() if mult is None else (mult,)))
+        ctx.spec = spec
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do: Tensor) -> tuple[Tensor | None, ...]:
+        kern = _kernels()
+        q, k, v, o, lse, cb, *rest = ctx.saved_tensors
+        mult = rest[0] if rest else None
+        spec: _Spec = ctx.spec
+        B, H, Lq, D = q.shape
+        Lk, DV = k.shape[2], v.shape[3]
+        delta = (o.float() * do.float()).sum(-1).contiguous()          # D_i = dO_i . O_i
+        dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+        dk = torch.empty((B, H, Lk, D), dtype=k.dtype, device=k.device)
+        dv = torch.empty((B, H, Lk, DV), dtype=v.dtype, device=v.device)
+        want_c = mult is not None and ctx.needs_input_grad[3]
+        dc = torch.empty_like(lse) if want_c else lse
+        BM, BN, warps, stages = _config("bwd", max(D, DV), q.dtype == torch.float32)
+        m, m_strides = _mult_view(mult, q)
+        common = dict(IS_CAUSAL=spec.is_causal, HAS_RANK=spec.has_rank, HAS_GROUP=spec.has_group,
+                      HAS_MULT=mult is not None, **_dtype_flags(q), BLOCK_M=BM, BLOCK_N=BN,
+                      BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages)
+        sizes = (H, Lq, Lk, D, DV, spec.causal_offset)
+        kern._bwd_dkdv_kernel[(-(-Lk // BN), B * H)](
+            q, k, v, do, dk, dv, lse, cb, delta, spec.qr, spec.kr, spec.qg, spec.kg, m,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            *_mask_strides(spec), *m_strides, *sizes, **common)
+        kern._bwd_dq_kernel[(-(-Lq // BM), B * H)](
+            q, k, v, do, dq, dc, lse, cb, delta, spec.qr, spec.kr, spec.qg, spec.kg, m,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            *_mask_strides(spec), *m_strides, *sizes, GRAD_C=want_c, **common)
+        dmult = None
+        if want_c:                     # c_i = cb_i * mult_i, and d loss / d c_i = dc_i
+            dmult = (dc * cb).sum_to_size(mult.shape).to(mult.dtype)
+        return dq, dk, dv, dmult, None
+
+
+def _pow2(n: int) -> int:
+    """The block width for a head dim: a power of two, at least 16 (``tl.dot``'s smallest)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _dtype_flags(q: Tensor) -> dict:
+    """``UPCAST``: bf16 under the interpreter (which cannot multiply bf16); ``PRECISION``: full fp32 products
+    for fp32 inputs (Triton would use TF32)."""
+    upcast = q.dtype == torch.bfloat16 and _interpreting()
+    return {"UPCAST": upcast, "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}

@@ -1,0 +1,349 @@
+"""The fused Triton kernel (kexue.attention.fused) against attention_reference: outputs and gradients of q, k, v
+and of learnable scales, for every mask of article 3 as a RankMask or a builder's mask, every scale, fp32 /
+fp16 / bf16, odd shapes, fully masked rows and unequal block sizes.
+
+Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before anything imports
+them): the same kernel code, emulated on CPU tensors. On a GPU machine the same tests run the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from kexue.attention import (
+    LogNScale,
+    RankMask,
+    attention,
+    attention_reference,
+    causal_mask,
+    padding_mask,
+    permutation_mask,
+    prefix_lm_mask,
+    unilm,
+    unilm_mask,
+)
+from kexue.attention import fused as fused_mod
+from kexue.attention.fused import fused_attention, fused_available
+
+if importlib.util.find_spec("triton") is None:        # CI installs it with the test extra: there this must fail
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        raise RuntimeError("triton is missing: the test extra installs it (pip install -e '.[test]')")
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32: full fp32 products. fp16/bf16: p and dS are rounded to the input type before their products (as in
+# FlashAttention), the reference computes in fp32 from the same rounded inputs.
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
+       torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+
+
+def _run(fn, q, k, v, scale="standard", **kw):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    params = [q, k, v]
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach().clone().requires_grad_(True)
+        params.append(scale)
+    elif isinstance(scale, LogNScale):
+        params.append(scale.s)
+        scale.s.grad = None
+    out = fn(q, k, v, scale=scale, **kw)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
+    (out.float() * g.float()).sum().backward()
+    grads = [p.grad.clone() if p.grad is not None else None for p in params]
+    return [out, *grads]
+
+
+def _qkv(B, H, Lq, Lk, D, dtype, Dv=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=g)
+    k = torch.randn(B, H, Lk, D, generator=g)
+    v = torch.randn(B, H, Lk, Dv or D, generator=g)
+    return (t.to(DEV, dtype) for t in (q, k, v))
+
+
+def _check(dtype, got, want, what=""):
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a is None) == (b is None), f"{what}: gradient {i} present on one side only"
+        if a is None:
+            continue
+        assert torch.isfinite(a).all(), f"{what}: output {i} not finite"
+        if i >= 4 and dtype != torch.float32:
+            # a scale's gradient sums dS * qk over a row, where dS sums to zero: it cancels, and the rounding of
+            # the half-precision output (which dS is made from, in any flash-style backward) shows at ~1-1.5 % of
+            # its largest entry in bf16 -- SDPA's path through the same reference shows 0.5-1.2 %
+            err, top = (a.float() - b.float()).abs().max(), b.float().abs().max()
+            assert err <= 0.03 * top, f"{what} [{i}]: max error {err:.3g} > 3 % of max |grad| {top:.3g}"
+            continue
+        torch.testing.assert_close(a.float(), b.float(), **TOL[dtype], msg=lambda m, i=i: f"{what} [{i}]: {m}")
+
+
+def _masks(B, L):
+    """Every structured mask the kernel takes, with edge cases: padding inside the source and the target, an
+    empty source, an empty target, a batch row that is all padding (no visible key at all)."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([L, L - 5, 0][:B])
+    am = (torch.arange(L)[None] < lengths[:, None]).long()
+    src = torch.tensor([L // 3, 0, L][:B])
+    seg = (torch.arange(L)[None] >= src[:, None]).long()
+    docs = torch.cumsum(torch.rand(B, L, generator=g) < 0.15, -1)
+    return {
+        "none": None,
+        "causal_mask": causal_mask(L),
+        "padding_mask": padding_mask(am),
+        "unilm_mask": unilm_mask(seg, am),
+        "unilm_ranks": RankMask.unilm(seg, am),
+        "prefix_mask": prefix_lm_mask(torch.tensor([3, 0, L][:B]), L),
+        "permutation_mask": permutation_mask(torch.stack([torch.randperm(L, generator=g) for _ in range(B)])),
+        "documents_causal": RankMask.documents(docs, causal=True),
+        "documents": RankMask.documents(docs).with_key_padding(am),
+    }
+
+
+@pytest.mark.parametrize("mask_name", list(_masks(3, 8)))
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_fused_matches_reference_fp32(mask_name, is_causal):
+    B, H, L, D = 3, 2, 41, 24
+    q, k, v = _qkv(B, H, L, L, D, torch.float32)
+    mask = _masks(B, L)[mask_name]
+    for scale in ("standard", "entropy", 0.3):
+        kw = dict(mask=mask, is_causal=is_causal, min_n=4)
+        _check(torch.float32, _run(fused_attention, q, k, v, scale, **kw),
+               _run(attention_reference, q, k, v, scale, **kw), f"{mask_name} {scale}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask_name", ["none", "unilm_mask", "documents_causal"])
+def test_fused_matches_reference_half(dtype, mask_name):
+    B, H, L, D = 3, 2, 37, 32
+    q, k, v = _qkv(B, H, L, L, D, dtype)
+    mask = _masks(B, L)[mask_name]
+    for scale in ("standard", "entropy"):
+        for is_causal in (False, True):
+            kw = dict(mask=mask, is_causal=is_causal)
+            _check(dtype, _run(fused_attention, q, k, v, scale, **kw),
+                   _run(attention_reference, q, k, v, scale, **kw), f"{mask_name} {scale} causal={is_causal}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_learnable_scales_get_their_gradients(dtype):
+    """A per-head LogNScale (the log factor in the kernel, s_h as a multiplier) and a per-row scale tensor: their
+    gradients come from the kernel's d loss / d c_i."""
+    B, H, L, D = 2, 3, 29, 16
+    q, k, v = _qkv(B, H, L, L, D, dtype)
+    seg = (torch.arange(L)[None] >= torch.tensor([[9], [20]])).long()
+    for mask in (unilm_mask(seg), None):
+        ln_ours, ln_ref = (LogNScale(H, learnable=True, min_n=2).to(DEV) for _ in range(2))
+        with torch.no_grad():
+            for m in (ln_ours, ln_ref):
+                m.s.copy_(torch.linspace(0.5, 1.5, H))
+        _check(dtype, _run(fused_attention, q, k, v, ln_ours, mask=mask, is_causal=mask is None),
+               _run(attention_reference, q, k, v, ln_ref, mask=mask, is_causal=mask is None), "LogNScale")
+        for shape in ((B, H, L, 1), (1, H, 1, 1), (B, 1, L, 1)):
+            # a full logits scale around the standard 1/sqrt(D) (larger ones make bf16 rounding of p dominate)
+            t = ((torch.rand(shape, generator=torch.Generator().manual_seed(5)) + 0.5) / D ** 0.5).to(DEV)
+            _check(dtype, _run(fused_attention, q, k, v, t, mask=mask), _run(attention_reference, q, k, v, t,
+                                                                                mask=mask), f"tensor {shape}")
+
+
+def test_callable_scale_gets_row_counts():
+    B, H, L, D = 2, 2, 21, 16
+    q, k, v = _qkv(B, H, L, L, D, torch.float32)
+    seg = (torch.arange(L)[None] >= torch.tensor([[5], [12]])).long()
+    mask = RankMask.unilm(seg)
+
+    def scale(counts):
+        return (1.0 + counts.float() / 100).unsqueeze(-1)
+
+    _check(torch.float32, _run(fused_attention, q, k, v, scale, mask=mask),
+           _run(attention_reference, q, k, v, scale, mask=mask), "callable")
+
+
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (5, 40), (40, 5), (17, 33), (20, 37)])  # offsets 0, 35, 16, 17
+def test_cross_lengths_and_kv_cache(Lq, Lk):
+    q, k, v = _qkv(2, 2, Lq, Lk, 16, torch.float32, Dv=8)
+    am = (torch.arange(Lk)[None] < torch.tensor([[Lk], [max(Lk - 3, 1)]])).long()
+    masks = [None, padding_mask(am), RankMask.padding(am)]
+    if Lk >= Lq:
+        masks += [causal_mask(Lq, Lk), RankMask.causal(Lq, Lk)]
+    for mask in masks:
+        for scale in ("standard", "entropy"):
+            for is_causal in (False, True):
+                kw = dict(mask=mask, is_causal=is_causal, min_n=2)
+                _check(torch.float32, _run(fused_attention, q, k, v, scale, **kw),
+                       _run(attention_reference, q, k, v, scale, **kw), f"{Lq}x{Lk} {mask} {scale} {is_causal}")
+
+
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 32), (64, 64)])
+def test_other_block_sizes(monkeypatch, blocks):
+    """The block loops, bounds and skips with unequal and with oversized blocks (interpreter only: on a GPU the
+    block sizes are the configured ones)."""
+    if DEV == "cuda":
+        pytest.skip("block sizes are fixed by the GPU configuration")
+    monkeypatch.setattr(fused_mod, "_INTERPRETER_BLOCKS", blocks)
+    B, H, L = 3, 1, 70
+    q, k, v = _qkv(B, H, L, L, 16, torch.float32)
+    masks = _masks(B, L)
+    for name in ("unilm_ranks", "documents_causal", "prefix_mask"):
+        for is_causal in (False, True):
+            kw = dict(mask=masks[name], is_causal=is_causal)
+            _check(torch.float32, _run(fused_attention, q, k, v, "entropy", **kw),
+                   _run(attention_reference, q, k, v, "entropy", **kw), f"{name} {blocks}")
+
+
+def test_rows_with_no_key_output_zero_with_zero_gradients():
+    B, H, L = 2, 2, 19
+    q, k, v = _qkv(B, H, L, L, 16, torch.float32)
+    am = torch.zeros(B, L, dtype=torch.long)
+    am[0, :4] = 1                                     # batch 1: every key hidden
+    for mask in (padding_mask(am), RankMask.padding(am), unilm_mask(torch.zeros(B, L, dtype=torch.long), am)):
+        out, gq, gk, gv = _run(fused_attention, q, k, v, "entropy", mask=mask)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert torch.equal(gq[1], torch.zeros_like(gq[1])) and torch.equal(gk[1], torch.zeros_like(gk[1]))
+        assert torch.equal(gk[0, :, 4:], torch.zeros_like(gk[0, :, 4:]))      # hidden keys get no gradient
+        for t in (out, gq, gk, gv):
+            assert torch.isfinite(t).all()
+
+
+def test_non_contiguous_inputs_as_a_model_makes_them():
+    """q, k, v as permuted views of one projection ([B, L, 3, H, D] -> [3, B, H, L, D]), as TransformerBlock
+    makes them: the kernel reads strides, no copy."""
+    B, L, H, D = 2, 23, 2, 16
+    x = torch.randn(B, L, 3, H, D).to(DEV)
+    q, k, v = x.permute(2, 0, 3, 1, 4)
+    assert not q.is_contiguous()
+    seg = (torch.arange(L)[None] >= torch.tensor([[7], [15]])).long()
+    for mask in (None, unilm_mask(seg)):
+        _check(torch.float32, _run(fused_attention, q, k, v, "entropy", mask=mask),
+               _run(attention_reference, q, k, v, "entropy", mask=mask), "views")
+
+
+def test_attention_backend_fused_equals_sdpa_backend():
+    B, H, L, D = 2, 2, 33, 16
+    q, k, v = _qkv(B, H, L, L, D, torch.float32)
+    seg = (torch.arange(L)[None] >= torch.tensor([[10], [0]])).long()
+    am = (torch.arange(L)[None] < torch.tensor([[33], [25]])).long()
+    for mask in (unilm_mask(seg, am), RankMask.unilm(seg, am), None):
+        for scale in ("standard", "entropy"):
+            kw = dict(mask=mask, is_causal=mask is None)
+            _check(torch.float32, _run(attention, q, k, v, scale, backend="fused", **kw),
+                   _run(attention, q, k, v, scale, **kw), f"backend {scale}")
+
+
+def test_counts_from_the_builder_and_from_the_kernel_agree():
+    """A builder's mask hands the kernel its attached row counts (HAS_COUNTS); a bare RankMask is counted in the
+    kernel: both give the reference's scale."""
+    B, H, L = 2, 1, 45
+    q, k, v = _qkv(B, H, L, L, 16, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    order = torch.stack([torch.randperm(L, generator=g) for _ in range(B)])
+    with torch.no_grad():
+        a = fused_attention(q, k, v, permutation_mask(order), scale="entropy", min_n=1)
+        b = fused_attention(q, k, v, RankMask.permutation(order), scale="entropy", min_n=1)
+        c = attention_reference(q, k, v, permutation_mask(order), scale="entropy", min_n=1)
+    torch.testing.assert_close(a, c, **TOL[torch.float32])
+    torch.testing.assert_close(b, c, **TOL[torch.float32])
+
+
+def test_empty_lengths():
+    q, k, v = _qkv(1, 1, 3, 0, 16, torch.float32)
+    assert torch.equal(fused_attention(q, k, v, scale="entropy"), torch.zeros(1, 1, 3, 16, device=DEV))
+    q, k, v = _qkv(1, 1, 0, 4, 16, torch.float32)
+    assert fused_attention(q, k, v).shape == (1, 1, 0, 16)
+
+
+def test_bad_inputs_name_the_problem():
+    q, k, v = _qkv(1, 2, 8, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="carries no such structure"):
+        fused_attention(q, k, v, torch.ones(8, 8, dtype=torch.bool, device=DEV))
+    with pytest.raises(ValueError, match="carries no such structure"):
+        fused_attention(q, k, v, unilm_mask(torch.tensor([[0] * 4 + [1] * 4])).clone())   # a copy: no structure
+    with pytest.raises(TypeError, match="RankMask"):
+        fused_attention(q, k, v, unilm(torch.tensor([[0] * 4 + [1] * 4])))                 # a predicate
+    with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
+        fused_attention(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        fused_attention(*_qkv(1, 1, 4, 4, 300, torch.float32))
+    with pytest.raises(ValueError, match=r"for \(Q, K\) = \(5, 5\)"):
+        fused_attention(q, k, v, RankMask.causal(5))
+    with pytest.raises(ValueError, match="batch size 3"):
+        fused_attention(q, k, v, RankMask.unilm(torch.zeros(3, 8, dtype=torch.long)))
+    with pytest.raises(ValueError, match="scale must be"):
+        fused_attention(q, k, v, scale="logn")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention(q, k, v, backend="flash")
+    with pytest.raises(ValueError, match="no dropout"):
+        attention(q, k, v, backend="fused", dropout_p=0.1)
+    with pytest.raises(ValueError, match="k must have shape"):
+        fused_attention(q, k[..., :8], v)
+
+
+def test_fused_available_reports_this_machine():
+    assert fused_available(DEV) is True
+
+
+# ------------------------------------------------------------------------------------------------ RankMask
+@pytest.mark.parametrize("B,L", [(1, 1), (3, 8), (2, 13)])
+def test_rank_masks_equal_the_builders(B, L):
+    """Each RankMask constructor renders exactly the dense builder's mask, and each builder's mask carries the
+    RankMask it equals (what the fused kernel reads instead of the dense mask)."""
+    from kexue.attention.masks import _attached_ranks, render_mask
+
+    g = torch.Generator().manual_seed(B * 100 + L)
+    am = (torch.arange(L)[None] < torch.randint(0, L + 1, (B, 1), generator=g)).long()
+    seg = (torch.arange(L)[None] >= torch.randint(0, L + 1, (B, 1), generator=g)).long()
+    order = torch.stack([torch.randperm(L, generator=g) for _ in range(B)])
+    prefix = torch.randint(0, L + 1, (B,), generator=g)
+    pairs = [
+        (unilm_mask(seg, am), RankMask.unilm(seg, am)),
+        (unilm_mask(seg), RankMask.unilm(seg)),
+        (prefix_lm_mask(prefix, L), RankMask.prefix_lm(prefix, L)),
+        (prefix_lm_mask(L // 2, L), RankMask.prefix_lm(L // 2, L)),
+        (permutation_mask(order), RankMask.permutation(order)),
+        (permutation_mask(order[0]), RankMask.permutation(order[0])),
+        (causal_mask(L), RankMask.causal(L)),
+        (causal_mask(max(L - 2, 0), L), RankMask.causal(max(L - 2, 0), L)),
+        (padding_mask(am), RankMask.padding(am)),
+    ]
+    for dense, rm in pairs:
+        d4 = dense.reshape((1,) * (4 - dense.dim()) + tuple(dense.shape))
+        Q = rm.q_len if rm.q_len is not None else 5         # (a padding mask serves any number of queries)
+        want = d4.expand(d4.shape[0], 1, Q, d4.shape[3])
+        attached, counts = _attached_ranks(dense)
+        for m in (rm, attached):
+            got = render_mask(m, d4.shape[0], 1, Q, d4.shape[3])
+            assert torch.equal(got, want), f"{rm}"
+        assert torch.equal(rm.to_dense(q_len=Q).expand_as(want), want)
+
+
+def test_rank_mask_documents_and_padding():
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2]])
+    am = torch.tensor([[1, 1, 0, 1, 1, 1, 0]])
+    m = RankMask.documents(docs, causal=True).with_key_padding(am).to_dense()[0, 0]
+    want = torch.zeros(7, 7, dtype=torch.bool)
+    for i in range(7):
+        for j in range(7):
+            want[i, j] = docs[0, i] == docs[0, j] and j <= i and am[0, j] == 1
+    assert torch.equal(m, want)
+
+
+def test_rank_mask_bad_input():
+    with pytest.raises(TypeError, match="q_rank must be an integer tensor"):
+        RankMask(torch.zeros(3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"k_rank must hold integers in \[0, 1073741824\]"):
+        RankMask(torch.zeros(3, dtype=torch.long), torch.tensor([0, -1, 0]))
+    with pytest.raises(ValueError, match="together"):
+        RankMask(q_group=torch.zeros(3, dtype=torch.long), k_len=3)
+    with pytest.raises(ValueError, match="k_len must be given"):
+        RankMask(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="share the batch size"):
+        RankMask(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="disagree on the length"):
+        RankMask(torch.zeros(3, dtype=torch.long), q_len=4, k_len=3)
+    with pytest.raises(TypeError, match="causal_offset"):
+        RankMask(k_len=3, causal_offset=1.5)
+    with pytest.raises(ValueError, match="q_len must be given"):
+        RankMask(k_len=3, causal_offset=0).to_dense()
