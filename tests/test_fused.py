@@ -347,3 +347,47 @@ def test_rank_mask_bad_input():
         RankMask(k_len=3, causal_offset=1.5)
     with pytest.raises(ValueError, match="q_len must be given"):
         RankMask(k_len=3, causal_offset=0).to_dense()
+
+
+# ------------------------------------------------------------------------------------------------ the model
+@pytest.mark.parametrize("scale", ["entropy", "learnable"])
+def test_transformer_on_the_fused_backend_matches_sdpa(scale):
+    """Transformer(attention_backend='fused'): the builder's mask goes to the kernel as its RankMask, padding is
+    added to it, is_causal is applied by the kernel; logits, parameter gradients and entropies equal SDPA's."""
+    from kexue.nn import Transformer
+
+    B, L = 2, 27
+    ids = torch.randint(0, 50, (B, L), generator=torch.Generator().manual_seed(0)).to(DEV)
+    seg = (torch.arange(L)[None] >= torch.tensor([[9], [14]])).long().to(DEV)
+    am = (torch.arange(L)[None] < torch.tensor([[27], [20]])).long().to(DEV)
+    calls = [dict(mask=unilm_mask(seg), attention_mask=am), dict(mask=RankMask.unilm(seg, am)),
+             dict(is_causal=True, attention_mask=am), dict(mask=prefix_lm_mask(5, L, device=DEV), is_causal=True)]
+    for kw in calls:
+        outs = []
+        for backend in ("sdpa", "fused"):
+            torch.manual_seed(0)
+            model = Transformer(50, dim=32, depth=2, heads=2, attention_scale=scale, min_n=4,
+                                attention_backend=backend).to(DEV)
+            out = model(ids, return_entropy=True, **kw)
+            out.logits.square().mean().backward()
+            outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (a, ga), (b, gb) = outs
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+        for x, y in zip(a.entropies, b.entropies):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+        for name in ga:
+            torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_transformer_fused_backend_needs_a_structured_mask():
+    from kexue.nn import SoftmaxAttention, Transformer
+
+    model = Transformer(50, dim=32, depth=1, heads=2, attention_backend="fused").to(DEV)
+    ids = torch.randint(0, 50, (1, 8)).to(DEV)
+    with pytest.raises(ValueError, match="carries no such structure"):
+        model(ids, mask=unilm_mask(torch.tensor([[0] * 4 + [1] * 4])).clone().to(DEV))
+    with pytest.raises(ValueError, match=r"\(Q, K\) = \(5, 5\)"):
+        model(ids, mask=RankMask.causal(5))
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        Transformer(50, dim=32, depth=1, heads=2, attention_backend="flash")
+    assert "backend='fused'" in repr(SoftmaxAttention("entropy", backend="fused"))

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kexue._checks import check_choice, check_positive, check_tensor, compute_dtype
-from kexue.attention import LogNScale, attention, attention_entropy, causal_mask
-from kexue.attention.core import _MaskMemo
+from kexue.attention import LogNScale, RankMask, attention, attention_entropy, causal_mask
+from kexue.attention.core import BACKENDS, _MaskMemo
+from kexue.attention.masks import _attached_ranks
 from kexue.attention.scaling import _check_base, _check_min_n
 
 ATTENTION_SCALES = ("standard", "entropy", "learnable")
@@ -106,7 +107,8 @@ class SoftmaxAttention(nn.Module):
     (``log_base(n)/sqrt(d)`` with ``n`` the number of keys a row may see, floored at ``min_n``;
     "Attention-E" of kexue.fm/archives/8823), a fixed float, or a :class:`~kexue.attention.LogNScale`
     module (kept as a submodule, so a learnable per-head factor trains with the model; its own ``base`` and
-    ``min_n`` apply).
+    ``min_n`` apply). ``backend="fused"`` computes it in one Triton kernel on a GPU
+    (:func:`kexue.attention.fused.fused_attention`; the mask must then be a ``RankMask`` or a builder's mask).
 
     Example:
         >>> attn = SoftmaxAttention("entropy")
@@ -115,7 +117,8 @@ class SoftmaxAttention(nn.Module):
         (torch.Size([1, 2, 8, 16]), torch.Size([1, 2, 8]))
     """
 
-    def __init__(self, scale: str | float | LogNScale = "standard", min_n: float = 16, base: float = 512) -> None:
+    def __init__(self, scale: str | float | LogNScale = "standard", min_n: float = 16, base: float = 512,
+                 backend: str = "sdpa") -> None:
         super().__init__()
         if isinstance(scale, str):
             check_choice("scale", scale, ("standard", "entropy"))
@@ -123,12 +126,13 @@ class SoftmaxAttention(nn.Module):
             check_positive("scale", scale)
         _check_min_n(min_n)
         _check_base(base)
-        self.scale, self.min_n, self.base = scale, min_n, base
+        check_choice("backend", backend, BACKENDS)
+        self.scale, self.min_n, self.base, self.backend = scale, min_n, base, backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         return attention(q, k, v, mask=mask, scale=self.scale, min_n=self.min_n, base=self.base,
-                         is_causal=is_causal)
+                         is_causal=is_causal, backend=self.backend)
 
     def entropy(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -139,9 +143,10 @@ class SoftmaxAttention(nn.Module):
                                  base=self.base)
 
     def extra_repr(self) -> str:
+        tail = "" if self.backend == "sdpa" else f"backend={self.backend!r}"
         if isinstance(self.scale, LogNScale):
-            return ""                        # the LogNScale child module prints its own settings
-        return f"scale={self.scale!r}, min_n={self.min_n}, base={self.base}"
+            return tail                      # the LogNScale child module prints its own settings
+        return f"scale={self.scale!r}, min_n={self.min_n}, base={self.base}" + (f", {tail}" if tail else "")
 
 
 def _takes_memo(attn: object) -> bool:
@@ -238,6 +243,9 @@ class Transformer(nn.Module):
             or ``"learnable"`` (beyond the article: a per-head factor ``s_h * log_base(n)`` per layer,
             :class:`~kexue.attention.LogNScale` with ``learnable=True``, starting at Attention-E) for the
             default :class:`SoftmaxAttention`; ``min_n`` and ``scale_base`` tune the latter two.
+        attention_backend: ``"sdpa"`` (default) or ``"fused"``: the default attention's kernel. ``"fused"`` is
+            one Triton kernel (CUDA) that computes the mask from a :class:`~kexue.attention.RankMask` -- a
+            ``mask`` from kexue's builders carries one, padding is added to it -- and the entropy scale itself.
         attention: one attention callable shared by every block (see the module docstring for the
             interface); overrides ``attention_scale``.
         attention_factory: ``f(layer_index) -> attention`` to build one attention module per block.
@@ -247,11 +255,12 @@ class Transformer(nn.Module):
     return_entropy=False)``: ``position_ids`` default to ``0..L-1`` (pass the original positions for a
     permutation LM); ``attention_mask`` ``[B, L]`` marks real tokens (1) vs padding (0); ``mask`` is a
     boolean attention mask broadcastable to ``[B, H, L, L]`` (``True`` = may attend), e.g. from
-    :func:`kexue.attention.unilm_mask`; ``is_causal`` adds the LM mask; ``logits_positions`` (bool ``[B, L]``)
-    computes the MLM logits only there and returns them as ``[N, vocab]`` (cheap MLM training with a large
-    vocabulary). With the default :class:`SoftmaxAttention` in every block, the mask is turned into SDPA's
-    float form (and counted per row, for the entropy scales) once per forward and shared by the blocks, also
-    under ``torch.compile``; a user's attention callable gets the bool mask tensor itself.
+    :func:`kexue.attention.unilm_mask`, or a :class:`~kexue.attention.RankMask`; ``is_causal`` adds the LM
+    mask; ``logits_positions`` (bool ``[B, L]``) computes the MLM logits only there and returns them as
+    ``[N, vocab]`` (cheap MLM training with a large vocabulary). With the default :class:`SoftmaxAttention` in
+    every block, the mask is turned into SDPA's float form (and counted per row, for the entropy scales) once
+    per forward and shared by the blocks, also under ``torch.compile``; a user's attention callable gets the
+    bool mask tensor itself.
 
     Example:
         >>> m = Transformer(vocab_size=30, dim=32, depth=1, heads=2, norm="post")
@@ -263,8 +272,10 @@ class Transformer(nn.Module):
     def __init__(self, vocab_size: int, dim: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
                  norm: str = "pre", attention_scale: str = "standard", attention: Callable | None = None,
                  attention_factory: Callable[[int], Callable] | None = None, min_n: float = 16,
-                 scale_base: float = 512, rope_base: float = 10000.0, dropout: float = 0.0) -> None:
+                 scale_base: float = 512, rope_base: float = 10000.0, dropout: float = 0.0,
+                 attention_backend: str = "sdpa") -> None:
         super().__init__()
+        check_choice("attention_backend", attention_backend, BACKENDS)
         for name, val in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
@@ -285,9 +296,11 @@ class Transformer(nn.Module):
         self.attention_scale = attention_scale
         if attention_factory is None and attention is None and attention_scale == "learnable":
             def attention_factory(i: int) -> SoftmaxAttention:      # one set of per-head factors per layer
-                return SoftmaxAttention(LogNScale(heads, learnable=True, base=scale_base, min_n=min_n))
+                return SoftmaxAttention(LogNScale(heads, learnable=True, base=scale_base, min_n=min_n),
+                                        backend=attention_backend)
         elif attention_factory is None:
-            shared = attention if attention is not None else SoftmaxAttention(attention_scale, min_n, scale_base)
+            shared = attention if attention is not None else SoftmaxAttention(attention_scale, min_n, scale_base,
+                                                                              backend=attention_backend)
             attention_factory = lambda i: shared  # noqa: E731
         self.tok_emb = nn.Embedding(vocab_size, dim)
         self.emb_ln = nn.LayerNorm(dim) if norm == "post" else nn.Identity()
@@ -315,9 +328,16 @@ class Transformer(nn.Module):
         nn.init.zeros_(self.head_bias)
 
     def build_mask(self, batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None,
-                   mask: torch.Tensor | None, is_causal: bool) -> tuple[torch.Tensor | None, bool]:
+                   mask: torch.Tensor | RankMask | None, is_causal: bool, *,
+                   structured: bool = False) -> tuple[torch.Tensor | RankMask | None, bool]:
         """Fold padding and the causal flag into one boolean mask; returns ``(mask, is_causal)`` for the
-        attention call (``is_causal`` stays ``True`` only when no other mask is present)."""
+        attention call (``is_causal`` stays ``True`` only when no other mask is present). With ``structured``
+        (the fused backend) the result is a :class:`~kexue.attention.RankMask` with the padding keys hidden, and
+        ``is_causal`` is passed on as it is (the kernel applies it)."""
+        if structured:
+            return self._structured_mask(batch, length, device, attention_mask, mask), is_causal
+        if isinstance(mask, RankMask):
+            mask = mask.to_dense(q_len=length, device=device)
         if mask is not None:
             check_tensor("mask", mask)
             if mask.dtype != torch.bool:
@@ -344,6 +364,30 @@ class Transformer(nn.Module):
             is_causal = False
         return mask, is_causal
 
+    def _structured_mask(self, batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None,
+                         mask: torch.Tensor | RankMask | None) -> RankMask | None:
+        rm = mask
+        if isinstance(mask, torch.Tensor):
+            got = _attached_ranks(mask)
+            if got is None:
+                raise ValueError("attention_backend='fused' takes mask=None, a RankMask, or a mask from kexue's "
+                                 "builders (unilm_mask, causal_mask, prefix_lm_mask, permutation_mask, padding_mask) "
+                                 "unchanged since it was built; this mask tensor carries no such structure")
+            rm = got[0]
+        elif mask is not None and not isinstance(mask, RankMask):
+            raise TypeError(f"mask must be a bool tensor or a RankMask, got {type(mask).__name__}")
+        if rm is not None and (rm.q_len not in (None, length) or rm.k_len != length or rm.batch not in (1, batch)):
+            raise ValueError(f"mask is for batch {rm.batch}, (Q, K) = ({rm.q_len}, {rm.k_len}); the input is "
+                             f"batch {batch}, length {length}")
+        if attention_mask is not None:
+            check_tensor("attention_mask", attention_mask, dim=2)
+            if attention_mask.shape != (batch, length):
+                raise ValueError(f"attention_mask must be [B, L]=[{batch}, {length}], "
+                                 f"got {tuple(attention_mask.shape)}")
+            am = attention_mask.to(device)
+            rm = RankMask.padding(am) if rm is None else rm.with_key_padding(am)
+        return rm
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 is_causal: bool = False, return_entropy: bool = False,
@@ -364,7 +408,10 @@ class Transformer(nn.Module):
             if position_ids.shape not in ((n,), (b, n), (1, n)):
                 raise ValueError(f"position_ids must be [L], [1, L] or [B, L] with B={b}, L={n}, "
                                  f"got {tuple(position_ids.shape)}")
-        attn_mask, causal = self.build_mask(b, n, input_ids.device, attention_mask, mask, is_causal)
+        structured = all(isinstance(blk.attn, SoftmaxAttention) and blk.attn.backend == "fused"
+                         for blk in self.blocks)
+        attn_mask, causal = self.build_mask(b, n, input_ids.device, attention_mask, mask, is_causal,
+                                            structured=structured)
         if attn_mask is not None and all(_takes_memo(blk.attn) for blk in self.blocks):
             # prepared (float mask, row counts) once for all layers, also in a compiled graph; only our own
             # attention knows the wrapper, a user's attention callable gets the mask tensor itself
