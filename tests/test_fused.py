@@ -391,3 +391,23 @@ def test_transformer_fused_backend_needs_a_structured_mask():
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         Transformer(50, dim=32, depth=1, heads=2, attention_backend="flash")
     assert "backend='fused'" in repr(SoftmaxAttention("entropy", backend="fused"))
+
+
+def test_the_kept_launch_spec_follows_the_mask():
+    """The last launch spec is kept per mask object: masks taken in turn, a mask dropped and a new one made in
+    its place (which may reuse its id), and the causal flag toggled all give the reference's result."""
+    import gc
+
+    B, H, L = 2, 1, 24
+    q, k, v = _qkv(B, H, L, L, 16, torch.float32)
+    segs = [(torch.arange(L)[None] >= torch.tensor([[s], [L - s]])).long() for s in (3, 11, 17)]
+    with torch.no_grad():
+        for i in range(6):
+            seg = segs[i % 3]
+            mask = RankMask.unilm(seg) if i % 2 else unilm_mask(seg)
+            for is_causal in (False, True, False):
+                got = fused_attention(q, k, v, mask, "entropy", is_causal=is_causal)
+                want = attention_reference(q, k, v, mask, "entropy", is_causal=is_causal)
+                torch.testing.assert_close(got, want, **TOL[torch.float32])
+            del mask
+            gc.collect()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from kexue._checks import check_positive
 
 from .masks import _RANK_MAX, RankMask, _as_allowed, _attached_ranks
-from .scaling import LogNScale, ScaleArg, _check_base, _check_min_n, _row_multiplier
+from .scaling import LogNScale, ScaleArg, _row_multiplier
 
 __all__ = ["fused_attention", "fused_available"]
 
@@ -200,7 +201,6 @@ def _resolve_scale(scale: ScaleArg, q: Tensor, Lk: int, rm: RankMask | None, is_
     raise TypeError(f"scale must be 'standard', 'entropy', a float, a tensor or a callable, got {type(scale).__name__}")
 
 
-@torch.compiler.disable
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: RankMask | Tensor | None = None,
                     scale: ScaleArg = "standard", min_n: float = 16, base: float = 512,
                     is_causal: bool = False) -> Tensor:
@@ -222,7 +222,25 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: RankMask | Tensor | N
         >>> q = k = v = torch.randn(1, 8, 512, 64, device="cuda", dtype=torch.bfloat16)   # doctest: +SKIP
         >>> out = fused_attention(q, k, v, RankMask.unilm(seg), scale="entropy")  # doctest: +SKIP
     """
-    from .core import _check_qkv, attention_reference
+    if torch.compiler.is_compiling():       # torch.compile: a graph break around the kernel launch
+        return _fused_outside_graph(q, k, v, mask, scale, min_n, base, is_causal)
+    return _fused(q, k, v, mask, scale, min_n, base, is_causal)
+
+
+@torch.compiler.disable
+def _fused_outside_graph(*args) -> Tensor:
+    return _fused(*args)
+
+
+# The last launch spec (mask vectors as [B, L] views, flags, numbers), kept while the same mask object comes
+# with the same geometry and scale (as every layer of a model passes one mask): a call then costs the checks,
+# the allocations and the launch. Keyed on a weak reference, so a dead mask's reused id never matches.
+_LAST_SPEC: list = [None, None, None]       # (weak ref to the RankMask or None, key, _Spec)
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, mask: object, scale: ScaleArg, min_n: float, base: float,
+           is_causal: bool) -> Tensor:
+    from .core import _check_common, _check_qkv, attention_reference
 
     B, H, Lq, Lk, D = _check_qkv(q, k, v)
     if q.dtype not in _DTYPES:
@@ -232,12 +250,10 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: RankMask | Tensor | N
         raise ValueError(f"the fused kernel takes head dims up to {_MAX_HEAD_DIM}, got {D} and {DV}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    _check_min_n(min_n)
-    _check_base(base)
+    _check_common(scale, min_n, base, 0.0, False)
     _kernels()                                  # (raises when Triton is missing)
-    if not _interpreting():
-        if q.device.type != "cuda":
-            raise ValueError(f"the fused kernel runs on CUDA tensors, got {q.device} (use backend='sdpa')")
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError(f"the fused kernel runs on CUDA tensors, got {q.device} (use backend='sdpa')")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     rm, counts, offset = _resolve_mask(mask, is_causal, B, Lq, Lk, q.device)
@@ -245,6 +261,21 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: RankMask | Tensor | N
         return attention_reference(q, k, v, rm, "standard" if isinstance(scale, str) else scale, min_n=min_n,
                                    base=base, is_causal=is_causal)
     entropy, mult, sm_scale, min_n_, base_ = _resolve_scale(scale, q, Lk, rm, is_causal, min_n, base)
+    # (the counts belong to the mask: the same RankMask object, checked below, comes with the same counts)
+    key = (B, Lq, Lk, q.device, offset, entropy, sm_scale, float(min_n_), float(base_), counts is None)
+    ref, last_key, spec = _LAST_SPEC
+    if spec is None or last_key != key or (ref() if ref is not None else None) is not rm:
+        spec = _make_spec(rm, counts, offset, entropy, sm_scale, min_n_, base_, q, Lk)
+        _LAST_SPEC[:] = [None if rm is None else weakref.ref(rm), key, spec]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (mult is not None and mult.requires_grad)):
+        return _FusedAttention.apply(q, k, v, mult, spec)
+    return _forward(q, k, v, mult, spec)[0]     # (no graph to record: the autograd Function's cost is saved)
+
+
+def _make_spec(rm: RankMask | None, counts: Tensor | None, offset: int | None, entropy: bool, sm_scale: float,
+               min_n: float, base: float, q: Tensor, Lk: int) -> _Spec:
+    B, _, Lq, _ = q.shape
     qr = kr = qg = kg = None
     if rm is not None:
         qr, kr, qg, kg = _prepared(rm, q.device)
@@ -254,15 +285,14 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: RankMask | Tensor | N
     if has_rank and kr is None:
         kr = torch.zeros((1, Lk), dtype=torch.int32, device=q.device)
     has_counts = entropy and counts is not None
-    spec = _Spec(
+    return _Spec(
         qr=qr.expand(B, Lq) if has_rank else q, kr=kr.expand(B, Lk) if has_rank else q,
         qg=qg.expand(B, Lq) if qg is not None else q, kg=kg.expand(B, Lk) if kg is not None else q,
         counts=counts.to(q.device).reshape(counts.shape[0] if counts.dim() == 3 else 1, -1).expand(B, Lq)
         if has_counts else q,
         has_rank=has_rank, has_group=qg is not None, has_counts=has_counts, is_causal=offset is not None,
         causal_offset=0 if offset is None else offset, entropy=entropy, sm_scale=sm_scale,
-        inv_log2_base=1.0 / math.log2(base_), min_n=float(min_n_))
-    return _FusedAttention.apply(q, k, v, mult, spec)
+        inv_log2_base=1.0 / math.log2(base), min_n=float(min_n))
 
 
 def _two_strides(t: Tensor, use: bool) -> tuple[int, int]:
@@ -282,26 +312,31 @@ def _mult_view(mult: Tensor | None, q: Tensor) -> tuple[Tensor, tuple[int, int, 
     return m, tuple(m.stride())         # (broadcast dims have stride 0)
 
 
+def _forward(q: Tensor, k: Tensor, v: Tensor, mult: Tensor | None, spec: _Spec) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward kernel: (output, log2-sum-exp per row, base scale per row)."""
+    kern = _kernels()
+    B, H, Lq, D = q.shape
+    Lk, DV = k.shape[2], v.shape[3]
+    o = torch.empty((B, H, Lq, DV), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    cb = torch.empty_like(lse)
+    BM, BN, warps, stages = _config("fwd", max(D, DV), q.dtype == torch.float32)
+    m, m_strides = _mult_view(mult, q)
+    counts_strides = spec.counts.stride() if spec.has_counts else (0, 0)
+    kern._fwd_kernel[(-(-Lq // BM), B * H)](
+        q, k, v, o, lse, cb, spec.counts, spec.qr, spec.kr, spec.qg, spec.kg, m,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *counts_strides, *_mask_strides(spec), *m_strides,
+        H, Lq, Lk, D, DV, spec.sm_scale, spec.inv_log2_base, spec.min_n, spec.causal_offset,
+        IS_CAUSAL=spec.is_causal, HAS_RANK=spec.has_rank, HAS_GROUP=spec.has_group, ENTROPY=spec.entropy,
+        HAS_COUNTS=spec.has_counts, HAS_MULT=mult is not None, **_dtype_flags(q),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages)
+    return o, lse, cb
+
+
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mult: Tensor | None, spec: _Spec) -> Tensor:
-        kern = _kernels()
-        B, H, Lq, D = q.shape
-        Lk, DV = k.shape[2], v.shape[3]
-        o = torch.empty((B, H, Lq, DV), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-        cb = torch.empty_like(lse)
-        BM, BN, warps, stages = _config("fwd", max(D, DV), q.dtype == torch.float32)
-        m, m_strides = _mult_view(mult, q)
-        counts_strides = spec.counts.stride() if spec.has_counts else (0, 0)
-        grid = (-(-Lq // BM), B * H)
-        kern._fwd_kernel[grid](
-            q, k, v, o, lse, cb, spec.counts, spec.qr, spec.kr, spec.qg, spec.kg, m,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *counts_strides, *_mask_strides(spec), *m_strides,
-            H, Lq, Lk, D, DV, spec.sm_scale, spec.inv_log2_base, spec.min_n, spec.causal_offset,
-            IS_CAUSAL=spec.is_causal, HAS_RANK=spec.has_rank, HAS_GROUP=spec.has_group, ENTROPY=spec.entropy,
-            HAS_COUNTS=spec.has_counts, HAS_MULT=mult is not None, **_dtype_flags(q),
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages)
+        o, lse, cb = _forward(q, k, v, mult, spec)
         ctx.save_for_backward(q, k, v, o, lse, cb, *(() if mult is None else (mult,)))
         ctx.spec = spec
         return o
