@@ -411,3 +411,28 @@ def test_the_kept_launch_spec_follows_the_mask():
                 torch.testing.assert_close(got, want, **TOL[torch.float32])
             del mask
             gc.collect()
+
+
+def test_bench_rows_for_the_fused_kernel_run(monkeypatch):
+    """The GPU-only bench rows, run here through the interpreter at a tiny size with the CUDA timing and memory
+    calls stubbed: a GPU session's few minutes must not be spent on a typo. The timings mean nothing here."""
+    from kexue.bench import attention as bench
+    from kexue.bench.base import BenchOptions
+
+    if DEV == "cpu":
+        for name in ("synchronize", "reset_peak_memory_stats"):
+            monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    L = 32
+    q, k, v = _qkv(1, 2, L, L, 16, torch.float32)
+    seg = (torch.arange(L) >= L // 2).long()[None].to(DEV)
+    next_mask = bench._in_turn([unilm_mask(seg), unilm_mask(seg)])
+    tk = {"repeats": 1, "rounds": 1, "warmup": 1, "min_time": 0.0}
+    rows = list(bench._fused_rows(L, q, k, v, seg, next_mask, BenchOptions(device=DEV, quick=True), tk))
+    assert [r.ours for r in rows] == ["fused(entropy)", "fused(standard)", "fused(entropy) new mask",
+                                      "fused(entropy)", "fused(entropy) new mask"]
+    assert all(r.ours_s > 0 and r.peer_s > 0 for r in rows)
+    for r in rows:
+        if "max_abs_diff_vs_prescaled_sdpa" in r.extra:
+            assert float(r.extra["max_abs_diff_vs_prescaled_sdpa"]) < 1e-4

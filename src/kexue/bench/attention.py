@@ -19,6 +19,12 @@
    and report its one-off compile time. Flex has no backward on CPU, so these rows are forward only; they
    run at L <= 2048 (L = 512 with ``--quick``).
 
+4. On a GPU: ``attention(..., backend="fused")``, the Triton kernel that works out the UniLM mask from the
+   builder's :class:`~kexue.attention.RankMask` and the entropy scale inside the kernel, against the same SDPA
+   calls (causal and a new UniLM mask per call; forward+backward at L <= 2048, 512 with ``--quick``), the kernel
+   with the standard scale against SDPA (report only), and each side's peak extra memory for one UniLM call.
+   Not on a CPU: there the kernels only run in Triton's interpreter (for the tests).
+
 Every entropy row first checks our output against SDPA on an explicitly pre-scaled q (max abs difference in
 ``extra``). Shapes: on a CPU B=1, H=2, D=64, fp32 -- few heads, so the per-call costs that do not scale with the
 heads weigh the most; on a GPU (``--device cuda``) B=8, H=12, D=64, bf16. At L = 8192 (about 1-3 s per call
@@ -45,7 +51,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from kexue.attention import attention, render_mask, to_block_mask, unilm, unilm_mask
+from kexue.attention import attention, fused_available, render_mask, to_block_mask, unilm, unilm_mask
 from kexue.bench.base import BenchOptions, BenchRow, compare, register_bench
 
 TARGET = "<= 1.05x SDPA time (speedup >= 0.95)"
@@ -158,6 +164,10 @@ def _rows_for_length(L: int, opts: BenchOptions) -> Iterator[BenchRow]:
         lambda: attention(q, k, v, umask, scale="entropy"),
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
         note="the same mask object again, as every layer after the first: counts and float mask kept")
+
+    # ---- the fused Triton kernel (CUDA only: the interpreter that runs it on a CPU times nothing useful)
+    if str(dev).startswith("cuda") and fused_available(dev):
+        yield from _fused_rows(L, q, k, v, seg, next_mask, opts, tk)
     if L >= 8192:
         return
     # A/A control: the peer against itself, timed the same way -- how far from 1.00x noise alone moves a ratio
@@ -193,6 +203,61 @@ def _rows_for_length(L: int, opts: BenchOptions) -> Iterator[BenchRow]:
     # ---- FlexAttention BlockMask vs dense bool mask (eager flex materialises the scores: small L only)
     if L <= (512 if opts.quick else 2048):
         yield from _flex_rows(L, q, k, v, seg, umask, opts, tk)
+
+
+def _fused_rows(L: int, q, k, v, seg, next_mask: Callable[[str], torch.Tensor], opts: BenchOptions,
+                tk: dict) -> Iterator[BenchRow]:
+    """``attention(..., backend="fused")``: the mask (from the builder's RankMask) and the entropy scale inside
+    one Triton kernel, against SDPA with the standard scale and the same mask (causal: SDPA's flash kernel;
+    UniLM: SDPA given the dense bool mask, new mask objects every call on both sides). Also the kernel with the
+    standard scale against SDPA (the kernel alone, report only), forward+backward at L <= 2048, and the peak
+    memory of one UniLM call on each side."""
+    dev = opts.device
+
+    def add(case: str, ours_name: str, peer_name: str, ours, peer, target: str = TARGET, **extra) -> BenchRow:
+        return BenchRow.of(case, ours_name, peer_name, compare(ours, peer, device=dev, **tk), target, extra)
+
+    with torch.no_grad():
+        err_c = _entropy_reference_check(attention(q, k, v, is_causal=True, scale="entropy", backend="fused"),
+                                         q, k, v, None, True)
+        um = unilm_mask(seg)
+        err_u = _entropy_reference_check(attention(q, k, v, um, scale="entropy", backend="fused"), q, k, v, um,
+                                         False)
+    yield add(f"causal L={L} fwd", "fused(entropy)", "SDPA is_causal (1/sqrt d)",
+              lambda: attention(q, k, v, is_causal=True, scale="entropy", backend="fused"),
+              lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+              max_abs_diff_vs_prescaled_sdpa=f"{err_c:.2e}")
+    yield add(f"causal L={L} fwd", "fused(standard)", "SDPA is_causal (1/sqrt d)",
+              lambda: attention(q, k, v, is_causal=True, backend="fused"),
+              lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+              target="report only: the kernel itself against SDPA's")
+    peaks = {}
+    for side, fn in (("ours", lambda: attention(q, k, v, next_mask("ours"), scale="entropy", backend="fused")),
+                     ("peer", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=next_mask("peer")))):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            fn()
+        torch.cuda.synchronize()
+        peaks[side] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    yield add(f"unilm mask L={L} fwd", "fused(entropy) new mask", "SDPA bool mask (1/sqrt d)",
+              lambda: attention(q, k, v, next_mask("ours"), scale="entropy", backend="fused"),
+              lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=next_mask("peer")),
+              max_abs_diff_vs_prescaled_sdpa=f"{err_u:.2e}",
+              peak_extra_mib=f"{peaks['ours']:.1f} vs {peaks['peer']:.1f}",
+              note="a new unilm_mask object every call; the kernel reads its RankMask, not the L x L mask")
+    if L <= (512 if opts.quick else 2048):
+        qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        yield add(f"causal L={L} fwd+bwd", "fused(entropy)", "SDPA is_causal (1/sqrt d)",
+                  _fwd_bwd(lambda: attention(qg, kg, vg, is_causal=True, scale="entropy", backend="fused"),
+                           (qg, kg, vg)),
+                  _fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg)))
+        yield add(f"unilm mask L={L} fwd+bwd", "fused(entropy) new mask", "SDPA bool mask (1/sqrt d)",
+                  _fwd_bwd(lambda: attention(qg, kg, vg, next_mask("ours"), scale="entropy", backend="fused"),
+                           (qg, kg, vg)),
+                  _fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=next_mask("peer")),
+                           (qg, kg, vg)))
 
 
 def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict, compiled: bool = False) -> BenchRow:
