@@ -114,6 +114,21 @@ def test_cli_bench_prints_each_row_as_it_is_measured(monkeypatch, tmp_path, caps
     assert not (tmp_path / "b.json").exists()     # the JSON is written only for a finished run
 
 
+def test_cli_bench_only_passes_the_row_groups(monkeypatch, capsys):
+    from kexue.bench import BENCHES, BenchRow
+
+    seen = []
+
+    def fake(opts):
+        seen.append((opts.only, opts.wants("fused"), opts.wants("flex")))
+        yield BenchRow("case", "ours", "peer", 0.001, 0.001, "report only")
+
+    monkeypatch.setitem(BENCHES, "fake-groups", fake)
+    cli.main(["bench", "fake-groups", "--only", "fused,eager"])
+    cli.main(["bench", "fake-groups"])
+    assert seen == [(("fused", "eager"), True, False), (None, True, True)]
+
+
 def test_register_study_decorator(fake_studies):
     @register_study("fake-reg", article=9, title="t", quick_budget_s=1, full_time="1 s")
     def run(ctx):

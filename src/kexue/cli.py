@@ -145,7 +145,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"kexue: unknown benchmark {', '.join(unknown)}; known: {', '.join(sorted(benches))}",
               file=sys.stderr)
         return 2
-    opts = BenchOptions(device=_resolve_device(args.device), quick=args.quick)
+    opts = BenchOptions(device=_resolve_device(args.device), quick=args.quick,
+                        only=tuple(args.only.split(",")) if args.only else None)
     print(f"machine: {_machine()}")
     out = {}
     for name in names:
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--quick", action="store_true", help="smaller sizes")
     pb.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     pb.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    pb.add_argument("--only", default=None, metavar="GROUPS",
+                    help="comma-separated row groups to run (attention: eager, control, model, backward, fused, "
+                         "compiled, flex); default: all")
 
     sub.add_parser("train", help="train an image classifier (runs under torchrun too); "
                                  "`kexue train --help` for options", add_help=False)

@@ -133,6 +133,61 @@ def _rows_for_length(L: int, opts: BenchOptions) -> Iterator[BenchRow]:
             target: str = TARGET, **extra: str) -> BenchRow:
         return BenchRow.of(case, ours_name, peer_name, compare(ours, peer, device=dev, **tk), target, extra)
 
+    # A new mask object on every call, as the first layer of a model sees it: two masks from unilm_mask taken
+    # in turn, so no cache can serve a call. Their builder attached the row counts (worked out from the segment
+    # ids, not read back from the mask); SDPA gets the same two masks.
+    next_mask = _in_turn([umask, unilm_mask(seg)])
+    if opts.wants("eager"):
+        yield from _eager_rows(L, q, k, v, umask, next_mask, add)
+
+    # ---- the fused Triton kernel (CUDA only: the interpreter that runs it on a CPU times nothing useful)
+    if opts.wants("fused") and str(dev).startswith("cuda") and fused_available(dev):
+        yield from _fused_rows(L, q, k, v, seg, next_mask, opts, tk)
+    if L >= 8192:
+        return
+    if opts.wants("control"):
+        # A/A control: the peer against itself, timed the same way -- how far from 1.00x noise alone moves a ratio
+        yield add(f"unilm mask L={L} fwd", "SDPA bool mask (control)", sdpa_mask,
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
+            target="report only: the noise floor (ideal 1.00x)", note="the same call on both sides")
+        yield add(f"unilm mask L={L} fwd", "attention(standard)", sdpa_mask,
+            lambda: attention(q, k, v, umask, scale="standard"),
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
+            note="the wrapper alone (checks, kept float mask)")
+
+    # ---- what a user pays: a whole model forward, new UniLM mask every call, entropy vs standard scale
+    if opts.wants("model"):
+        yield _model_row(L, seg, opts, tk)
+
+    small = L <= (512 if opts.quick else 2048)
+    # ---- forward + backward (training) at the smaller sizes (only the smallest with --quick)
+    if small and opts.wants("backward"):
+        qg, kg, vg = _qkv(L, dev, grad=True)
+        yield add(f"causal L={L} fwd+bwd", "attention(entropy)", "SDPA is_causal (1/sqrt d)",
+            _fwd_bwd(lambda: attention(qg, kg, vg, is_causal=True, scale="entropy"), (qg, kg, vg)),
+            _fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg)))
+        yield add(f"unilm mask L={L} fwd+bwd", "attention(entropy) new mask", sdpa_mask,
+            _fwd_bwd(lambda: attention(qg, kg, vg, next_mask("ours"), scale="entropy"), (qg, kg, vg)),
+            _fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=next_mask("peer")),
+                     (qg, kg, vg)),
+            note="a new unilm_mask object every call")
+
+    # ---- the same calls under torch.compile (attention() traces to one graph; the compiler fuses the row
+    # counts, the float mask and the q multiplier), and the compiled model
+    if small and opts.wants("compiled"):
+        yield from _compiled_rows(L, q, k, v, seg, opts, tk)
+
+    # ---- FlexAttention BlockMask vs dense bool mask (eager flex materialises the scores: small L only)
+    if small and opts.wants("flex"):
+        yield from _flex_rows(L, q, k, v, seg, umask, opts, tk)
+
+
+def _eager_rows(L: int, q, k, v, umask, next_mask: Callable[[str], torch.Tensor],
+                add: Callable[..., BenchRow]) -> Iterator[BenchRow]:
+    """attention(scale="entropy") on SDPA against SDPA: causal, and a UniLM mask new (from the builder, or
+    user-made) or reused."""
+    sdpa_mask = "SDPA bool mask (1/sqrt d)"
     # ---- causal: is_causal fast path, n_i = i + 1 computed arithmetically
     with torch.no_grad():
         err = _entropy_reference_check(attention(q, k, v, is_causal=True, scale="entropy"), q, k, v, None, True)
@@ -144,10 +199,6 @@ def _rows_for_length(L: int, opts: BenchOptions) -> Iterator[BenchRow]:
     # ---- UniLM bool mask: n_i = keys each row may see
     with torch.no_grad():
         err = _entropy_reference_check(attention(q, k, v, umask, scale="entropy"), q, k, v, umask, False)
-    # A new mask object on every call, as the first layer of a model sees it: two masks from unilm_mask taken
-    # in turn, so no cache can serve a call. Their builder attached the row counts (worked out from the segment
-    # ids, not read back from the mask); SDPA gets the same two masks.
-    next_mask = _in_turn([umask, unilm_mask(seg)])
     yield add(f"unilm mask L={L} fwd", "attention(entropy) new mask", sdpa_mask,
         lambda: attention(q, k, v, next_mask("ours"), scale="entropy"),
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=next_mask("peer")),
@@ -164,45 +215,6 @@ def _rows_for_length(L: int, opts: BenchOptions) -> Iterator[BenchRow]:
         lambda: attention(q, k, v, umask, scale="entropy"),
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
         note="the same mask object again, as every layer after the first: counts and float mask kept")
-
-    # ---- the fused Triton kernel (CUDA only: the interpreter that runs it on a CPU times nothing useful)
-    if str(dev).startswith("cuda") and fused_available(dev):
-        yield from _fused_rows(L, q, k, v, seg, next_mask, opts, tk)
-    if L >= 8192:
-        return
-    # A/A control: the peer against itself, timed the same way -- how far from 1.00x noise alone moves a ratio
-    yield add(f"unilm mask L={L} fwd", "SDPA bool mask (control)", sdpa_mask,
-        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
-        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
-        target="report only: the noise floor (ideal 1.00x)", note="the same call on both sides")
-    yield add(f"unilm mask L={L} fwd", "attention(standard)", sdpa_mask,
-        lambda: attention(q, k, v, umask, scale="standard"),
-        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=umask),
-        note="the wrapper alone (checks, kept float mask)")
-
-    # ---- what a user pays: a whole model forward, new UniLM mask every call, entropy vs standard scale
-    yield _model_row(L, seg, opts, tk)
-
-    # ---- forward + backward (training) at the smaller sizes (only the smallest with --quick)
-    if L <= (512 if opts.quick else 2048):
-        qg, kg, vg = _qkv(L, dev, grad=True)
-        yield add(f"causal L={L} fwd+bwd", "attention(entropy)", "SDPA is_causal (1/sqrt d)",
-            _fwd_bwd(lambda: attention(qg, kg, vg, is_causal=True, scale="entropy"), (qg, kg, vg)),
-            _fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), (qg, kg, vg)))
-        yield add(f"unilm mask L={L} fwd+bwd", "attention(entropy) new mask", sdpa_mask,
-            _fwd_bwd(lambda: attention(qg, kg, vg, next_mask("ours"), scale="entropy"), (qg, kg, vg)),
-            _fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=next_mask("peer")),
-                     (qg, kg, vg)),
-            note="a new unilm_mask object every call")
-
-    # ---- the same calls under torch.compile (attention() traces to one graph; the compiler fuses the row
-    # counts, the float mask and the q multiplier), and the compiled model
-    if L <= (512 if opts.quick else 2048):
-        yield from _compiled_rows(L, q, k, v, seg, opts, tk)
-
-    # ---- FlexAttention BlockMask vs dense bool mask (eager flex materialises the scores: small L only)
-    if L <= (512 if opts.quick else 2048):
-        yield from _flex_rows(L, q, k, v, seg, umask, opts, tk)
 
 
 def _fused_rows(L: int, q, k, v, seg, next_mask: Callable[[str], torch.Tensor], opts: BenchOptions,

@@ -19,9 +19,15 @@ import torch
 
 @dataclass
 class BenchOptions:
+    """``only``: names of row groups to run (a bench that has groups skips the others; ``None``: all)."""
+
     device: str = "cpu"
     quick: bool = False
     repeats: int = 7
+    only: tuple[str, ...] | None = None
+
+    def wants(self, group: str) -> bool:
+        return self.only is None or group in self.only
 
 
 @dataclass
