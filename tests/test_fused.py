@@ -194,6 +194,23 @@ def test_other_block_sizes(monkeypatch, blocks):
                    _run(attention_reference, q, k, v, "entropy", **kw), f"{name} {blocks}")
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="the GPU block sizes (64-128) need long sequences to span many blocks")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("L,D", [(300, 64), (1031, 64), (520, 128), (257, 256)])
+def test_gpu_sizes_span_many_blocks(dtype, L, D):
+    B, H = 2, 3
+    q, k, v = _qkv(B, H, L, L, D, dtype)
+    seg = (torch.arange(L)[None] >= torch.tensor([[L // 3], [L - 5]])).long().to(DEV)
+    am = (torch.arange(L)[None] < torch.tensor([[L], [L - 77]])).long().to(DEV)
+    docs = (torch.arange(L)[None] // 97 + torch.tensor([[0], [3]])).to(DEV)
+    for mask, is_causal in ((None, True), (unilm_mask(seg, am), False), (RankMask.documents(docs, True), False),
+                            (RankMask.unilm(seg, am), True)):
+        for scale in ("standard", "entropy"):
+            kw = dict(mask=mask, is_causal=is_causal)
+            _check(dtype, _run(fused_attention, q, k, v, scale, **kw),
+                   _run(attention_reference, q, k, v, scale, **kw), f"L={L} D={D} {mask} {scale}")
+
+
 def test_rows_with_no_key_output_zero_with_zero_gradients():
     B, H, L = 2, 2, 19
     q, k, v = _qkv(B, H, L, L, 16, torch.float32)

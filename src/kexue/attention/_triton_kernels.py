@@ -47,12 +47,15 @@ def _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset,
 @triton.jit
 def _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
                HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr):
-    """Query ranks / groups of a row block and their ranges (rows past the end: rank -BIG, group range empty)."""
+    """Query ranks / groups of a row block and their ranges (rows past the end: rank -BIG, group range empty).
+    Without ranks / groups the returned values are placeholders (tensors, which every Triton version returns
+    from a function; the compiler drops them as unused)."""
+    zero = tl.max(offs_m, 0) * 0
     qr = offs_m
-    qr_max = 0
+    qr_max = zero
     qg = offs_m
-    qg_min = 0
-    qg_max = 0
+    qg_min = zero
+    qg_max = zero
     if HAS_RANK:
         qr = tl.load(QR + b * sqrb + offs_m * sqrm, mask=row_ok, other=-BIG)
         qr_max = tl.max(qr, 0)
@@ -65,12 +68,13 @@ def _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
 
 @triton.jit
 def _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr):
-    """Key ranks / groups of a key block and their ranges (keys past the end: hidden)."""
+    """Key ranks / groups of a key block and their ranges (keys past the end: hidden); placeholders as above."""
+    zero = tl.max(offs_n, 0) * 0
     kr = offs_n
-    kr_min = 0
+    kr_min = zero
     kg = offs_n
-    kg_min = 0
-    kg_max = 0
+    kg_min = zero
+    kg_max = zero
     if HAS_RANK:
         kr = tl.load(KR + b * skrb + offs_n, mask=col_ok, other=BIG)
         kr_min = tl.min(kr, 0)

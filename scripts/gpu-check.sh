@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# What a session lent a CUDA GPU runs first, as one command (~5-8 minutes on an H100/H200):
+#   1. the fused Triton kernel's tests on the compiled kernels (tests/test_fused.py: outputs and gradients
+#      against the reference, every mask, fp32/fp16/bf16), then the CUDA tests (-m cuda);
+#   2. the attention bench on the GPU, fused and eager rows first (quick sizes, L = 512 and 2048), then the
+#      compiled rows.
+# Each step has its own time limit so one hang cannot eat the session; the logs go to $OUT (the device tool's
+# folder that comes back) or ./gpu-check. Uses the machine's own torch and triton (no install: src/ on the path).
+# Run from the repository root:  bash scripts/gpu-check.sh
+set -uo pipefail
+out=${OUT:-gpu-check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$out/machine.txt"
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$out/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - t0)) s"
+}
+
+step fused-tests 240 $py -m pytest -q -x tests/test_fused.py -p no:cacheprovider
+step cuda-tests 150 $py -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+step bench-fused 200 $py -m kexue.cli bench attention --quick --device cuda --only fused,eager,control \
+  --json "$out/bench-fused.json"
+step bench-rest 120 $py -m kexue.cli bench attention --quick --device cuda --only compiled,model,backward \
+  --json "$out/bench-rest.json"
