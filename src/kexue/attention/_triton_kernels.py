@@ -52,18 +52,20 @@ def _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
     from a function; the compiler drops them as unused)."""
     zero = tl.max(offs_m, 0) * 0
     qr = offs_m
+    qr_min = zero
     qr_max = zero
     qg = offs_m
     qg_min = zero
     qg_max = zero
     if HAS_RANK:
         qr = tl.load(QR + b * sqrb + offs_m * sqrm, mask=row_ok, other=-BIG)
+        qr_min = tl.min(tl.where(row_ok, qr, BIG), 0)
         qr_max = tl.max(qr, 0)
     if HAS_GROUP:
         qg = tl.load(QG + b * sqgb + offs_m * sqgm, mask=row_ok, other=0)
         qg_min = tl.min(tl.where(row_ok, qg, BIG), 0)
         qg_max = tl.max(tl.where(row_ok, qg, -BIG), 0)
-    return qr, qr_max, qg, qg_min, qg_max
+    return qr, qr_min, qr_max, qg, qg_min, qg_max
 
 
 @triton.jit
@@ -72,17 +74,19 @@ def _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK: tl.constexpr, HA
     zero = tl.max(offs_n, 0) * 0
     kr = offs_n
     kr_min = zero
+    kr_max = zero
     kg = offs_n
     kg_min = zero
     kg_max = zero
     if HAS_RANK:
         kr = tl.load(KR + b * skrb + offs_n, mask=col_ok, other=BIG)
         kr_min = tl.min(kr, 0)
+        kr_max = tl.max(tl.where(col_ok, kr, -BIG), 0)
     if HAS_GROUP:
         kg = tl.load(KG + b * skgb + offs_n, mask=col_ok, other=0)
         kg_min = tl.min(tl.where(col_ok, kg, BIG), 0)
         kg_max = tl.max(tl.where(col_ok, kg, -BIG), 0)
-    return kr, kr_min, kg, kg_min, kg_max
+    return kr, kr_min, kr_max, kg, kg_min, kg_max
 
 
 @triton.jit
@@ -98,6 +102,22 @@ def _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK: tl.con
         else:
             live = overlap
     return live
+
+
+@triton.jit
+def _partial(start_m, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min, kg_max,
+             IS_CAUSAL: tl.constexpr, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether some (row, key) pair of a live block is hidden, i.e. the element-wise mask is needed there. Most
+    live blocks are whole (below the causal diagonal; source keys for target rows under UniLM) and skip it."""
+    part = start_n + BLOCK_N > Lk
+    if IS_CAUSAL:
+        part = part | (start_n + BLOCK_N - 1 > start_m + causal_offset)
+    if HAS_RANK:
+        part = part | (kr_max > qr_min)
+    if HAS_GROUP:       # (one group on each side, and the block is live: the same group)
+        part = part | (kg_min != kg_max) | (qg_min != qg_max)
+    return part
 
 
 @triton.jit
@@ -129,7 +149,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     q = _operand(q, UPCAST)
-    qr, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
+    qr, qr_min, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
                                                 HAS_RANK, HAS_GROUP)
     hi = Lk
     if IS_CAUSAL:
@@ -145,12 +165,16 @@ def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
             for start_n in range(0, hi, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 col_ok = offs_n < Lk
-                kr, kr_min, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb,
+                kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb,
                                                             HAS_RANK, HAS_GROUP)
                 if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
-                    vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK,
-                                   HAS_GROUP)
-                    cnt += tl.sum(vis.to(tl.int32), 1)
+                    if _partial(pid_m * BLOCK_M, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max,
+                                kg_min, kg_max, IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
+                        vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK,
+                                       HAS_GROUP)
+                        cnt += tl.sum(vis.to(tl.int32), 1)
+                    else:
+                        cnt += BLOCK_N
             n = cnt.to(tl.float32)
         elif IS_CAUSAL:
             n = tl.minimum(tl.maximum(offs_m + 1 + causal_offset, 0), Lk).to(tl.float32)
@@ -169,15 +193,18 @@ def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Lk
-        kr, kr_min, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
+        kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
         if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
             k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                         mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                         mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             qk = tl.dot(q, tl.trans(_operand(k, UPCAST)), input_precision=PRECISION)
-            vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
-            s = tl.where(vis, qk * c2[:, None], float("-inf"))
+            s = qk * c2[:, None]
+            if _partial(pid_m * BLOCK_M, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min,
+                        kg_max, IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
+                vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
+                s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with nothing visible yet
             p = tl.exp2(s - m_safe[:, None])
@@ -220,7 +247,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
                 mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     k = _operand(k, UPCAST)
     v = _operand(v, UPCAST)
-    kr, kr_min, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
+    kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo = 0
@@ -230,7 +257,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
     for start_m in range(lo, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
-        qr, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
+        qr, qr_min, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
                                                     HAS_RANK, HAS_GROUP)
         if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
             q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
@@ -245,9 +272,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
             if HAS_MULT:
                 c = c * tl.load(MULT + b * smb + h * smh + offs_m * smm, mask=row_ok, other=1.0).to(tl.float32)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
-            vis = vis & row_ok[:, None]
-            p = tl.where(vis, tl.exp2(qk * (c * LOG2E)[:, None] - lse[:, None]), 0.0)
+            p = tl.exp2(qk * (c * LOG2E)[:, None] - lse[:, None])      # (rows past the end: lse = inf, p = 0)
+            if _partial(start_m, pid_n * BLOCK_N, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min,
+                        kg_max, IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
+                vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
+                p = tl.where(vis, p, 0.0)
             pt = _operand(tl.trans(p).to(DO.dtype.element_ty), UPCAST)
             dv += tl.dot(pt, do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -290,7 +319,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DC, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
     if HAS_MULT:
         c = c * tl.load(MULT + b * smb + h * smh + offs_m * smm, mask=row_ok, other=1.0).to(tl.float32)
     c2 = c * LOG2E
-    qr, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
+    qr, qr_min, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
                                                 HAS_RANK, HAS_GROUP)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dc = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -300,7 +329,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DC, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Lk
-        kr, kr_min, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
+        kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
         if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
             k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                         mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -309,8 +338,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DC, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
             k = _operand(k, UPCAST)
             v = _operand(v, UPCAST)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
-            p = tl.where(vis, tl.exp2(qk * c2[:, None] - lse[:, None]), 0.0)
+            p = tl.exp2(qk * c2[:, None] - lse[:, None])
+            if _partial(pid_m * BLOCK_M, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min,
+                        kg_max, IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
+                vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
+                p = tl.where(vis, p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(_operand(ds.to(K.dtype.element_ty), UPCAST), k, input_precision=PRECISION)
