@@ -130,6 +130,53 @@ def _operand(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile(PTR, b, h, offs_r, offs_c, sb, sh, sr, sc, n_rows, n_cols, UPCAST: tl.constexpr):
+    """A ``[rows, cols]`` tile of a ``[B, H, L, D]`` tensor (zeros past the ends)."""
+    x = tl.load(PTR + b * sb + h * sh + offs_r[:, None] * sr + offs_c[None, :] * sc,
+                mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols), other=0.0)
+    return _operand(x, UPCAST)
+
+
+@triton.jit
+def _store_tile(PTR, x, b, h, offs_r, offs_c, sb, sh, sr, sc, n_rows, n_cols):
+    tl.store(PTR + b * sb + h * sh + offs_r[:, None] * sr + offs_c[None, :] * sc, x.to(PTR.dtype.element_ty),
+             mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols))
+
+
+@triton.jit
+def _row_scale(CB, MULT, row, b, h, offs_m, row_ok, smb, smh, smm, HAS_MULT: tl.constexpr):
+    """``c_i``: the base scale the forward kept, times the multiplier."""
+    c = tl.load(CB + row, mask=row_ok, other=0.0)
+    if HAS_MULT:
+        c = c * tl.load(MULT + b * smb + h * smh + offs_m * smm, mask=row_ok, other=1.0).to(tl.float32)
+    return c
+
+
+@triton.jit
+def _bwd_probs(qk, c2, lse, start_m, start_n, offs_m, offs_n, qr, qr_min, qg, qg_min, qg_max,
+               kr, kr_max, kg, kg_min, kg_max, Lk, causal_offset,
+               IS_CAUSAL: tl.constexpr, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The forward's probabilities of a block, recomputed from the kept log2-sum-exp (0 where hidden; rows past
+    the end have lse = inf, hence 0)."""
+    p = tl.exp2(qk * c2[:, None] - lse[:, None])
+    if _partial(start_m, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min, kg_max,
+                IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
+        vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
+        p = tl.where(vis, p, 0.0)
+    return p
+
+
+@triton.jit
+def _causal_end(pid_m, Lk, causal_offset, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One past the last key a row block may see."""
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + causal_offset)
+    return hi
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                 scb, scm, sqrb, sqrm, skrb, sqgb, sqgm, skgb, smb, smh, smm,
@@ -142,18 +189,15 @@ def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    q = _operand(q, UPCAST)
+    q = _tile(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, Lq, D, UPCAST)
     qr, qr_min, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
-                                                HAS_RANK, HAS_GROUP)
-    hi = Lk
-    if IS_CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + causal_offset)
+                                                        HAS_RANK, HAS_GROUP)
+    hi = _causal_end(pid_m, Lk, causal_offset, IS_CAUSAL, BLOCK_M)
 
     # ---- the per-row scale c_i
     cb = tl.full([BLOCK_M], 1.0, tl.float32) * sm_scale
@@ -164,12 +208,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
             cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
             for start_n in range(0, hi, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
-                col_ok = offs_n < Lk
-                kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb,
-                                                            HAS_RANK, HAS_GROUP)
+                kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, offs_n < Lk, skrb, skgb,
+                                                                    HAS_RANK, HAS_GROUP)
                 if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
-                    if _partial(pid_m * BLOCK_M, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max,
-                                kg_min, kg_max, IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
+                    if _partial(start_m, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min,
+                                kg_max, IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
                         vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK,
                                        HAS_GROUP)
                         cnt += tl.sum(vis.to(tl.int32), 1)
@@ -192,17 +235,14 @@ def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < Lk
-        kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
+        kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, offs_n < Lk, skrb, skgb,
+                                                            HAS_RANK, HAS_GROUP)
         if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                        mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                        mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            qk = tl.dot(q, tl.trans(_operand(k, UPCAST)), input_precision=PRECISION)
-            s = qk * c2[:, None]
-            if _partial(pid_m * BLOCK_M, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min,
-                        kg_max, IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
+            k = _tile(K, b, h, offs_n, offs_d, skb, skh, skn, skd, Lk, D, UPCAST)
+            v = _tile(V, b, h, offs_n, offs_dv, svb, svh, svn, svd, Lk, DV, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * c2[:, None]
+            if _partial(start_m, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min, kg_max,
+                        IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
                 vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
                 s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -211,13 +251,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             pv = _operand(p.to(V.dtype.element_ty), UPCAST)
-            acc = acc * alpha[:, None] + tl.dot(pv, _operand(v, UPCAST), input_precision=PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION)
             m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    _store_tile(O, acc / l_safe[:, None], b, h, offs_m, offs_dv, sob, soh, som, sod, Lq, DV)
     row = pid_bh.to(tl.int64) * Lq + offs_m
     tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log2(l_safe)), mask=row_ok)
     tl.store(CB + row, cb, mask=row_ok)
@@ -237,56 +275,43 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < Lk
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    k = _operand(k, UPCAST)
-    v = _operand(v, UPCAST)
-    kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
+    k = _tile(K, b, h, offs_n, offs_d, skb, skh, skn, skd, Lk, D, UPCAST)
+    v = _tile(V, b, h, offs_n, offs_dv, svb, svh, svn, svd, Lk, DV, UPCAST)
+    kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, offs_n < Lk, skrb, skgb,
+                                                        HAS_RANK, HAS_GROUP)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo = 0
     if IS_CAUSAL:   # the first query that may see this block's first key: i >= start_n - causal_offset
-        lo = tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
     row_base = pid_bh.to(tl.int64) * Lq
     for start_m in range(lo, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
         qr, qr_min, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
-                                                    HAS_RANK, HAS_GROUP)
+                                                            HAS_RANK, HAS_GROUP)
         if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            q = _operand(q, UPCAST)
-            do = _operand(do, UPCAST)
+            q = _tile(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, Lq, D, UPCAST)
+            do = _tile(DO, b, h, offs_m, offs_dv, sdob, sdoh, sdom, sdod, Lq, DV, UPCAST)
             lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-            c = tl.load(CB + row_base + offs_m, mask=row_ok, other=0.0)
-            if HAS_MULT:
-                c = c * tl.load(MULT + b * smb + h * smh + offs_m * smm, mask=row_ok, other=1.0).to(tl.float32)
+            c = _row_scale(CB, MULT, row_base + offs_m, b, h, offs_m, row_ok, smb, smh, smm, HAS_MULT)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            p = tl.exp2(qk * (c * LOG2E)[:, None] - lse[:, None])      # (rows past the end: lse = inf, p = 0)
-            if _partial(start_m, pid_n * BLOCK_N, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min,
-                        kg_max, IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
-                vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
-                p = tl.where(vis, p, 0.0)
+            p = _bwd_probs(qk, c * LOG2E, lse, start_m, start_n, offs_m, offs_n, qr, qr_min, qg, qg_min, qg_max,
+                           kr, kr_max, kg, kg_min, kg_max, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP,
+                           BLOCK_M, BLOCK_N)
             pt = _operand(tl.trans(p).to(DO.dtype.element_ty), UPCAST)
             dv += tl.dot(pt, do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])                   # d loss / d logits
             dst = _operand(tl.trans(ds * c[:, None]).to(Q.dtype.element_ty), UPCAST)
             dk += tl.dot(dst, q, input_precision=PRECISION)
-    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_ + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
-             dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+    _store_tile(DK, dk, b, h, offs_n, offs_d, sdkb, sdkh, sdkn, sdkd, Lk, D)
+    _store_tile(DV_, dv, b, h, offs_n, offs_dv, sdvb, sdvh, sdvn, sdvd, Lk, DV)
 
 
 @triton.jit
@@ -302,54 +327,38 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DC, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    q = _operand(q, UPCAST)
-    do = _operand(do, UPCAST)
+    q = _tile(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, Lq, D, UPCAST)
+    do = _tile(DO, b, h, offs_m, offs_dv, sdob, sdoh, sdom, sdod, Lq, DV, UPCAST)
     row = pid_bh.to(tl.int64) * Lq + offs_m
     lse = tl.load(LSE + row, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
-    c = tl.load(CB + row, mask=row_ok, other=0.0)
-    if HAS_MULT:
-        c = c * tl.load(MULT + b * smb + h * smh + offs_m * smm, mask=row_ok, other=1.0).to(tl.float32)
+    c = _row_scale(CB, MULT, row, b, h, offs_m, row_ok, smb, smh, smm, HAS_MULT)
     c2 = c * LOG2E
     qr, qr_min, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
-                                                HAS_RANK, HAS_GROUP)
+                                                        HAS_RANK, HAS_GROUP)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    hi = Lk
-    if IS_CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M + causal_offset)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, _causal_end(pid_m, Lk, causal_offset, IS_CAUSAL, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < Lk
-        kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK, HAS_GROUP)
+        kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, offs_n < Lk, skrb, skgb,
+                                                            HAS_RANK, HAS_GROUP)
         if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                        mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                        mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            k = _operand(k, UPCAST)
-            v = _operand(v, UPCAST)
+            k = _tile(K, b, h, offs_n, offs_d, skb, skh, skn, skd, Lk, D, UPCAST)
+            v = _tile(V, b, h, offs_n, offs_dv, svb, svh, svn, svd, Lk, DV, UPCAST)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            p = tl.exp2(qk * c2[:, None] - lse[:, None])
-            if _partial(pid_m * BLOCK_M, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min,
-                        kg_max, IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
-                vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
-                p = tl.where(vis, p, 0.0)
+            p = _bwd_probs(qk, c2, lse, start_m, start_n, offs_m, offs_n, qr, qr_min, qg, qg_min, qg_max,
+                           kr, kr_max, kg, kg_min, kg_max, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP,
+                           BLOCK_M, BLOCK_N)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(_operand(ds.to(K.dtype.element_ty), UPCAST), k, input_precision=PRECISION)
             if GRAD_C:
                 dc += tl.sum(ds * qk, 1)
-    dq = dq * c[:, None]
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    _store_tile(DQ, dq * c[:, None], b, h, offs_m, offs_d, sdqb, sdqh, sdqm, sdqd, Lq, D)
     if GRAD_C:
         tl.store(DC + row, dc, mask=row_ok)
