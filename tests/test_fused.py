@@ -453,3 +453,29 @@ def test_bench_rows_for_the_fused_kernel_run(monkeypatch):
     for r in rows:
         if "max_abs_diff_vs_prescaled_sdpa" in r.extra:
             assert float(r.extra["max_abs_diff_vs_prescaled_sdpa"]) < 1e-4
+
+
+def test_rank_mask_on_the_sdpa_path_and_in_keys_per_row():
+    """A RankMask given to attention(backend='sdpa') is rendered once and kept (with its row counts attached, so
+    the entropy scale reads no L x L mask after the first call); keys_per_row counts every batch row of it."""
+    from kexue.attention import keys_per_row
+    from kexue.attention.masks import _attached_counts
+
+    B, L = 3, 12
+    seg = (torch.arange(L)[None] >= torch.tensor([[4], [0], [12]])).long()
+    am = (torch.arange(L)[None] < torch.tensor([[12], [7], [3]])).long()
+    rm = RankMask.unilm(seg, am)
+    q, k, v = (torch.randn(B, 2, L, 8) for _ in range(3))
+    a = attention(q, k, v, rm, scale="entropy")
+    dense = rm._dense[1]
+    assert _attached_counts(dense) is not None
+    b = attention(q, k, v, rm, scale="entropy")
+    assert rm._dense[1] is dense
+    torch.testing.assert_close(a, attention_reference(q, k, v, unilm_mask(seg, am), scale="entropy"))
+    torch.testing.assert_close(a, b)
+    counts = keys_per_row(rm, L, L)
+    assert counts.shape == (B, 1, L)
+    assert torch.equal(counts, unilm_mask(seg, am).sum(-1))
+    assert torch.equal(keys_per_row(RankMask.padding(am), 5, L), padding_mask(am).sum(-1).expand(B, 1, 5))
+    with pytest.raises(ValueError, match="12 query rows"):
+        attention(q[:, :, :5], k, v, rm)

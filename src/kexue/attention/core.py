@@ -33,6 +33,7 @@ from kexue._checks import check_tensor, compute_dtype
 
 from .masks import (
     MaskMod,
+    RankMask,
     _additive,
     _additive_counted,
     _as_allowed,
@@ -189,6 +190,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     memo = None
     if isinstance(mask, _MaskMemo):
         memo, mask = mask, mask.mask
+    if isinstance(mask, RankMask):          # its dense form (kept on it), with the row counts attached
+        mask = mask._dense_for(q.shape[2], q.device)
     B, H, Lq, Lk, D = _check_qkv(q, k, v)
     tracing = _tracing()
     _check_common(scale, min_n, base, dropout_p, tracing)

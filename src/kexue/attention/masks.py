@@ -645,6 +645,20 @@ class RankMask:
         m = render_mask(self, self.batch, 1, q, self.k_len, dev).contiguous()
         return _attach_counts(m, _row_counts(m), ranks=self)
 
+    def _dense_for(self, q_len: int, device: torch.device) -> Tensor:
+        """:meth:`to_dense` for SDPA, kept on the object (the last form asked for), so that a RankMask passed to
+        ``attention(backend="sdpa")`` call after call is rendered and counted once, like a builder's mask."""
+        if _tracing():
+            return self.to_dense(q_len if self.q_len is None else None, device)
+        key = (q_len, device)
+        kept = self.__dict__.get("_dense")
+        if kept is None or kept[0] != key:
+            if self.q_len not in (None, q_len):
+                raise ValueError(f"the mask has {self.q_len} query rows, the input {q_len}")
+            kept = (key, self.to_dense(q_len if self.q_len is None else None, device))
+            self._dense = kept
+        return kept[1]
+
     # ---- constructors for the masks of article 3
     @classmethod
     def causal(cls, q_len: int, k_len: int | None = None, device: torch.device | str | None = None) -> RankMask:

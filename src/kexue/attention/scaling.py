@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from kexue._checks import check_positive, check_tensor
 
-from .masks import MaskMod, _as_allowed, _attached_counts, _row_counts, causal, render_mask
+from .masks import MaskMod, RankMask, _as_allowed, _attached_counts, _row_counts, causal, render_mask
 
 __all__ = ["entropy_invariant_scale", "logn_factor", "keys_per_row", "attention_entropy", "LogNScale"]
 
@@ -114,8 +114,9 @@ def keys_per_row(mask: Tensor | MaskMod | None, q_len: int, k_len: int, *, is_ca
                  min_n: int = 0) -> Tensor:
     """Number of keys each query row may see: int64 ``[..., q_len]`` (leading dims those of ``mask``).
 
-    ``mask`` is a bool mask (True = may attend), an additive float mask (``-inf`` = hidden), a predicate
-    (rendered with ``B = H = 1``) or ``None`` (every row sees ``k_len`` keys). ``is_causal`` adds the
+    ``mask`` is a bool mask (True = may attend), an additive float mask (``-inf`` = hidden), a
+    :class:`~kexue.attention.RankMask` (every batch row: ``[B|1, 1, q_len]``), another predicate (rendered with
+    ``B = H = 1``) or ``None`` (every row sees ``k_len`` keys). ``is_causal`` adds the
     top-left causal mask of ``F.scaled_dot_product_attention``, so causal row ``i`` counts ``min(i + 1, k_len)``;
     padding keys are excluded by the mask. ``min_n`` floors the counts (Su's implementation uses 16); the
     default 0 returns the raw counts, where 0 marks a fully masked row.
@@ -148,6 +149,8 @@ def keys_per_row(mask: Tensor | MaskMod | None, q_len: int, k_len: int, *, is_ca
         if any(m not in (1, n) for m, n in zip(allowed.shape[-2:], (q_len, k_len))):
             raise ValueError(f"mask's last two dims {tuple(mask.shape[-2:])} do not broadcast to "
                              f"[q_len, k_len] = [{q_len}, {k_len}]")
+    elif isinstance(mask, RankMask):                 # every batch row of it: [B|1, 1, q_len]
+        allowed = mask.to_dense(q_len if mask.q_len is None else None)
     elif callable(mask):
         allowed = render_mask(mask, 1, 1, q_len, k_len)
     else:
