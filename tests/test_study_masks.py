@@ -90,3 +90,13 @@ def test_checks_hold_on_a_briefly_trained_model():
     order = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(23, generator=g)])
     torch.testing.assert_close(plm_loglik_mask(m, ids, order), plm_loglik_reorder(m, ids, order),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_every_mask_of_the_figure_is_a_rank_comparison():
+    from kexue.studies.masks import rank_forms
+
+    rows = rank_forms()
+    assert [r[0] for r in rows] == ["LM", "MLM", "UniLM", "permutation LM"]
+    assert all(r[2] == 0 for r in rows)
+    assert rows[2][1] == "0 0 0 0 0 0 1 2 3 4"            # the cumsum of 0000001111
+    assert rows[3][1] == "0 5 2 4 1 3"                    # <s> first, bei (position 1) last

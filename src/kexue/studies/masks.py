@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kexue.attention import causal_mask, permutation_mask, permute_for_plm, unilm_mask
+from kexue.attention import RankMask, causal_mask, permutation_mask, permute_for_plm, unilm_mask
 from kexue.data.tokenizers import CharTokenizer
 from kexue.nn.transformer import Transformer
 from kexue.studies.base import Result, StudyContext, Table, register_study
@@ -136,6 +136,27 @@ def unilm_forms_mismatches(max_len: int = 12) -> tuple[int, int]:
     return cases, bad
 
 
+def rank_forms() -> list[list]:
+    """Each mask of the figure as a comparison of ranks (query i sees key j iff rank[j] <= rank[i],
+    :class:`kexue.attention.RankMask`): ``[name, ranks, mismatching entries against the dense builder]``.
+    The four masks differ only in the rank vector: positions (LM), all equal (MLM), the cumsum of the segment
+    ids (UniLM) and the generation step (permutation LM)."""
+    L = len(UNILM_TOKENS)
+    seg = torch.tensor([UNILM_SEGMENTS])
+    order = torch.tensor(PLM_ORDER)
+    cases = [
+        ("LM", torch.arange(L), causal_mask(L)),
+        ("MLM", torch.zeros(L, dtype=torch.long), torch.ones(L, L, dtype=torch.bool)),
+        ("UniLM", seg.cumsum(-1)[0], unilm_mask(seg)[0, 0]),
+        ("permutation LM", RankMask.permutation(order).q_rank[0], permutation_mask(order)),
+    ]
+    rows = []
+    for name, rank, dense in cases:
+        got = RankMask(rank, rank).to_dense()[0, 0]
+        rows.append([name, " ".join(str(int(r)) for r in rank), int((got != dense).sum())])
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------
 # Figures
 # ------------------------------------------------------------------------------------------------------
@@ -236,6 +257,16 @@ def run(ctx: StudyContext) -> Result:
                            f"MLM steps on {cfg['novel']} (loss {info['loss_first']:.2f} -> "
                            f"{info['loss_last']:.2f}); batch {B} x {L} windows of the novel; fp32. "
                            f"Mean PLM log-likelihood {float(ll_mask.mean()):.2f} nats.")
+    forms = rank_forms()
+    ranks = Table("masks_as_ranks", ["mask", "rank of each token (query i sees key j iff rank j <= rank i)",
+                                     "entries differing from the dense builder"], forms,
+                  caption="The four masks of the figure are one comparison, rank[j] <= rank[i], with four rank "
+                          "vectors (LM: the position; MLM: all equal; UniLM: the cumsum of the segment ids; "
+                          "permutation LM: the step at which a token is generated). kexue.attention.RankMask "
+                          "stores a mask this way, O(L) numbers, and the fused GPU kernel reads it instead of "
+                          "the L x L matrix.")
+    rows.append(["every mask above as a rank comparison (RankMask) vs the dense builder", "RankMask",
+                 float(sum(r[-1] for r in forms)), "-", None, all(r[-1] == 0 for r in forms)])
     ok = [r[-1] for r in rows]
     verdict = "holds" if all(ok) else ("does not hold" if not any(ok) else "partly holds")
     detail = (f"LM causality max diff {lm:.3g} (no mask: {lm_wrong:.3g}); UniLM source max diff {uni:.3g} "
@@ -249,7 +280,7 @@ def run(ctx: StudyContext) -> Result:
               "permutation LM: under the LM mask outputs ignore later tokens, under the UniLM mask source "
               "outputs ignore the target, and the permutation LM by shuffled mask equals reordered input with "
               "original position ids under a causal mask.",
-        verdict=verdict, verdict_detail=detail, tables=[checks],
+        verdict=verdict, verdict_detail=detail, tables=[checks, ranks],
         data={"chinese_novels": f"{cfg['novel']} ({info['tokens']} characters, vocab {info['vocab']})"},
         config={**cfg, "train_s": info["train_s"]},
     )
