@@ -27,8 +27,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-BIG = 1 << 30          # rank given to hidden keys; also the "minus infinity" of rank ranges
+# (globals a kernel reads must be constexpr in compiled Triton; the interpreter does not check it)
+LOG2E = tl.constexpr(1.4426950408889634)
+BIG = tl.constexpr(1 << 30)          # rank given to hidden keys; also the "minus infinity" of rank ranges
 
 
 @triton.jit

@@ -1,0 +1,78 @@
+"""Compile every launch setting of the fused kernels for sm_80 and sm_90 with the installed Triton; print one
+JSON line per compiled kernel. Run by tests/test_fused_compile.py in a process of its own: Triton decides at
+import time whether its functions are interpreted, and the other tests switch the interpreter on.
+
+    python tests/fused_compile_check.py [CAPABILITY ...]
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import traceback
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kexue.attention import _triton_kernels as kernels  # noqa: E402
+from kexue.attention.fused import _GPU_CONFIGS  # noqa: E402
+
+POINTERS = {"Q": None, "K": None, "V": None, "O": None, "DO": None, "DK": None, "DV_": None, "DQ": None,
+            "LSE": "fp32", "CB": "fp32", "DELTA": "fp32", "DC": "fp32", "MULT": "fp32",
+            "QR": "i32", "KR": "i32", "QG": "i32", "KG": "i32", "COUNTS": "i64"}
+FLOATS = ("sm_scale", "inv_log2_base", "min_n")
+
+
+def compile_kernel(fn, dtype: str, constexprs: dict, cap: int, warps: int, stages: int):
+    """A cubin of ``fn`` for ``sm_{cap}``: tensors of ``dtype``, scalars as a launch passes them."""
+    params = inspect.signature(fn.fn).parameters
+    sig = {}
+    for name in fn.arg_names:
+        if "constexpr" in str(params[name].annotation):
+            sig[name] = "constexpr"
+        elif name in POINTERS:
+            sig[name] = "*" + (POINTERS[name] or dtype)
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    missing = {n for n, t in sig.items() if t == "constexpr"} ^ set(constexprs)
+    if missing:
+        raise ValueError(f"constexprs do not match {fn.__name__}: {sorted(missing)}")
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def variants(key: tuple, on: bool) -> list[tuple[str, dict]]:
+    """The kernels of one launch setting, with every optional feature on (``on``) or off."""
+    kind, bucket, fp32 = key
+    BM, BN, _, _ = _GPU_CONFIGS[key]
+    common = dict(IS_CAUSAL=on, HAS_RANK=on, HAS_GROUP=on, HAS_MULT=on, UPCAST=False,
+                  PRECISION="ieee" if fp32 else "tf32", BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=bucket, BLOCK_DV=bucket)
+    if kind == "fwd":
+        return [("_fwd_kernel", dict(common, ENTROPY=on, HAS_COUNTS=not on))]
+    return [("_bwd_dkdv_kernel", common), ("_bwd_dq_kernel", dict(common, GRAD_C=on))]
+
+
+def main(caps: list[int]) -> int:
+    for cap in caps:
+        for key in sorted(_GPU_CONFIGS, key=str):
+            _, _, warps, stages = _GPU_CONFIGS[key]
+            dtypes = ["fp32"] if key[2] else ["bf16", "fp16"]
+            for i, dtype in enumerate(dtypes):
+                for name, constexprs in variants(key, on=i == 0):
+                    row = {"cap": cap, "key": list(key), "kernel": name, "dtype": dtype, "features": i == 0}
+                    try:
+                        ck = compile_kernel(getattr(kernels, name), dtype, constexprs, cap, warps, stages)
+                        row.update(ok=bool(ck.asm.get("cubin")), shared=ck.metadata.shared)
+                    except Exception:              # report every failure, not only the first
+                        row.update(ok=False, error=traceback.format_exc(limit=3)[-1500:])
+                    print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main([int(c) for c in sys.argv[1:]] or [90, 80]))

@@ -1,0 +1,58 @@
+"""The fused kernels compile for NVIDIA GPUs (sm_80 and sm_90), here, without a GPU.
+
+Triton's interpreter (tests/test_fused.py) runs the kernels' Python but does not check what only the compiler
+does: that globals are constexpr, that every branch types, that the tiles fit in shared memory, that ptxas takes
+the code (a non-constexpr global passed the interpreter and failed here). This compiles every launch setting in
+``kexue.attention.fused._GPU_CONFIGS`` -- with every optional feature on, and off -- to a cubin for an A100
+(sm_80) and an H100/H200 (sm_90) with the installed Triton, in a process of its own
+(tests/fused_compile_check.py), so that a GPU session does not find such an error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        raise RuntimeError("triton is missing: the test extra installs it (pip install -e '.[test]')")
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from kexue.attention.fused import _GPU_CONFIGS  # noqa: E402
+
+# max dynamic shared memory per block: A100 163 KB, H100/H200 227 KB
+SHARED_LIMIT = {80: 166912, 90: 232448}
+
+
+@pytest.mark.slow
+def test_every_launch_setting_compiles_for_sm80_and_sm90(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    script = Path(__file__).with_name("fused_compile_check.py")
+    proc = subprocess.run([sys.executable, str(script), "90", "80"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # per capability: each forward setting once per dtype (1 for fp32, 2 for half), each backward setting 2 kernels
+    per_cap = sum((1 if k[2] else 2) * (1 if k[0] == "fwd" else 2) for k in _GPU_CONFIGS)
+    assert len(rows) == 2 * per_cap, proc.stderr[-3000:]
+    failed = [r for r in rows if not r["ok"]]
+    assert not failed, "\n\n".join(f"{r['kernel']} {r['key']} {r['dtype']} sm_{r['cap']}:\n{r.get('error')}"
+                                   for r in failed)
+    too_big = [r for r in rows if r["shared"] > SHARED_LIMIT[r["cap"]]]
+    assert not too_big, [(r["kernel"], r["key"], r["dtype"], r["cap"], r["shared"]) for r in too_big]
+
+
+def test_the_configured_blocks_are_valid():
+    for kind in ("fwd", "bwd"):
+        for bucket in (64, 128, 256):
+            for fp32 in (False, True):
+                BM, BN, warps, stages = _GPU_CONFIGS[(kind, bucket, fp32)]
+                assert BM >= 16 and BN >= 16 and BM & (BM - 1) == 0 and BN & (BN - 1) == 0
+                assert warps in (1, 2, 4, 8) and stages >= 1
