@@ -46,6 +46,30 @@ def compile_kernel(fn, dtype: str, constexprs: dict, cap: int, warps: int, stage
     return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+def ptxas_report(ptx: str, cap: int) -> tuple[int | None, int | None]:
+    """(registers per thread, bytes of spill stores) from ``ptxas -v`` -- with the ptxas in Triton's wheel that
+    reads its PTX version (None, None when none does)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        for exe in ("ptxas-blackwell", "ptxas"):
+            if not (bin_dir / exe).exists():
+                continue
+            out = subprocess.run([str(bin_dir / exe), "-v", f"-arch=sm_{cap}a" if cap >= 90 else f"-arch=sm_{cap}",
+                                  str(src), "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+            regs = re.findall(r"Used (\d+) registers", out.stderr)
+            spills = re.findall(r"(\d+) bytes spill stores", out.stderr)
+            if out.returncode == 0 and regs and spills:
+                return int(regs[0]), int(spills[0])
+    return None, None
+
+
 def variants(key: tuple, on: bool) -> list[tuple[str, dict]]:
     """The kernels of one launch setting, with every optional feature on (``on``) or off."""
     kind, bucket, fp32 = key
@@ -61,13 +85,15 @@ def main(caps: list[int]) -> int:
     for cap in caps:
         for key in sorted(_GPU_CONFIGS, key=str):
             _, _, warps, stages = _GPU_CONFIGS[key]
-            dtypes = ["fp32"] if key[2] else ["bf16", "fp16"]
+            dtypes = ["fp32", "fp32"] if key[2] else ["bf16", "fp16"]   # (features on, then off)
             for i, dtype in enumerate(dtypes):
                 for name, constexprs in variants(key, on=i == 0):
                     row = {"cap": cap, "key": list(key), "kernel": name, "dtype": dtype, "features": i == 0}
                     try:
                         ck = compile_kernel(getattr(kernels, name), dtype, constexprs, cap, warps, stages)
-                        row.update(ok=bool(ck.asm.get("cubin")), shared=ck.metadata.shared)
+                        regs, spills = ptxas_report(ck.asm["ptx"], cap)
+                        row.update(ok=bool(ck.asm.get("cubin")), shared=ck.metadata.shared, registers=regs,
+                                   spill_bytes=spills)
                     except Exception:              # report every failure, not only the first
                         row.update(ok=False, error=traceback.format_exc(limit=3)[-1500:])
                     print(json.dumps(row), flush=True)
