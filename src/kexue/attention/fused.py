@@ -56,6 +56,7 @@ def _kernels():
     return _triton_kernels
 
 
+@functools.lru_cache(maxsize=1)
 def _interpreting() -> bool:
     """Whether the kernels were built for Triton's interpreter (``TRITON_INTERPRET=1`` when first imported)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -269,8 +270,7 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, mask: object, scale: ScaleArg, min_n
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     rm, counts, offset = _resolve_mask(mask, is_causal, B, Lq, Lk, q.device)
     if Lq == 0 or Lk == 0:                      # nothing to launch: every row is empty (output 0) or no rows
-        return attention_reference(q, k, v, rm, "standard" if isinstance(scale, str) else scale, min_n=min_n,
-                                   base=base, is_causal=is_causal)
+        return attention_reference(q, k, v, rm, scale, min_n=min_n, base=base, is_causal=is_causal)
     entropy, mult, sm_scale, min_n_, base_ = _resolve_scale(scale, q, Lk, rm, is_causal, min_n, base)
     # (the counts belong to the mask: the same RankMask object, checked below, comes with the same counts)
     key = (B, Lq, Lk, q.device, offset, entropy, sm_scale, float(min_n_), float(base_), counts is None)
@@ -296,14 +296,20 @@ def _make_spec(rm: RankMask | None, counts: Tensor | None, offset: int | None, e
     if has_rank and kr is None:
         kr = torch.zeros((1, Lk), dtype=torch.int32, device=q.device)
     has_counts = entropy and counts is not None
+    none = _placeholder(q.device)       # (a pointer the kernel never reads; not q: the spec is kept between calls)
     return _Spec(
-        qr=qr.expand(B, Lq) if has_rank else q, kr=kr.expand(B, Lk) if has_rank else q,
-        qg=qg.expand(B, Lq) if qg is not None else q, kg=kg.expand(B, Lk) if kg is not None else q,
+        qr=qr.expand(B, Lq) if has_rank else none, kr=kr.expand(B, Lk) if has_rank else none,
+        qg=qg.expand(B, Lq) if qg is not None else none, kg=kg.expand(B, Lk) if kg is not None else none,
         counts=counts.to(q.device).reshape(counts.shape[0] if counts.dim() == 3 else 1, -1).expand(B, Lq)
-        if has_counts else q,
+        if has_counts else none,
         has_rank=has_rank, has_group=qg is not None, has_counts=has_counts, is_causal=offset is not None,
         causal_offset=0 if offset is None else offset, entropy=entropy, sm_scale=sm_scale,
         inv_log2_base=1.0 / math.log2(base), min_n=float(min_n))
+
+
+@functools.lru_cache(maxsize=8)
+def _placeholder(device: torch.device) -> Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _two_strides(t: Tensor, use: bool) -> tuple[int, int]:
