@@ -479,3 +479,24 @@ def test_rank_mask_on_the_sdpa_path_and_in_keys_per_row():
     assert torch.equal(keys_per_row(RankMask.padding(am), 5, L), padding_mask(am).sum(-1).expand(B, 1, 5))
     with pytest.raises(ValueError, match="12 query rows"):
         attention(q[:, :, :5], k, v, rm)
+
+
+def test_rank_mask_as_a_flex_block_mask():
+    """A RankMask is a FlexAttention mask_mod too (vmapped by create_block_mask): UniLM with padding and causal
+    packed documents, against the reference."""
+    import warnings
+
+    from kexue.attention import to_block_mask
+
+    L = 256
+    seg = (torch.arange(L)[None] >= torch.tensor([[100], [31]])).long()
+    am = (torch.arange(L)[None] < torch.tensor([[256], [200]])).long()
+    docs = torch.arange(L)[None] // 50
+    q, k, v = (torch.randn(2, 2, L, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                   # flex on CPU: "debug only"
+        for rm in (RankMask.unilm(seg, am), RankMask.documents(docs, causal=True)):
+            bm = to_block_mask(rm, rm.batch, None, L, L)
+            torch.testing.assert_close(attention(q[: rm.batch], k[: rm.batch], v[: rm.batch], bm, scale="entropy"),
+                                       attention_reference(q[: rm.batch], k[: rm.batch], v[: rm.batch], rm,
+                                                           scale="entropy"), rtol=1e-5, atol=1e-5)
