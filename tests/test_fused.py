@@ -448,7 +448,8 @@ def test_bench_rows_for_the_fused_kernel_run(monkeypatch):
     tk = {"repeats": 1, "rounds": 1, "warmup": 1, "min_time": 0.0}
     rows = list(bench._fused_rows(L, q, k, v, seg, next_mask, BenchOptions(device=DEV, quick=True), tk))
     assert [r.ours for r in rows] == ["fused(entropy)", "fused(standard)", "fused(entropy) new mask",
-                                      "fused(entropy)", "fused(entropy) new mask"]
+                                      "fused Transformer(scale='entropy')", "fused(entropy)",
+                                      "fused(entropy) new mask"]
     assert all(r.ours_s > 0 and r.peer_s > 0 for r in rows)
     for r in rows:
         if "max_abs_diff_vs_prescaled_sdpa" in r.extra:

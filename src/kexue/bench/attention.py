@@ -222,8 +222,9 @@ def _fused_rows(L: int, q, k, v, seg, next_mask: Callable[[str], torch.Tensor], 
     """``attention(..., backend="fused")``: the mask (from the builder's RankMask) and the entropy scale inside
     one Triton kernel, against SDPA with the standard scale and the same mask (causal: SDPA's flash kernel;
     UniLM: SDPA given the dense bool mask, new mask objects every call on both sides). Also the kernel with the
-    standard scale against SDPA (the kernel alone, report only), forward+backward at L <= 2048, and the peak
-    memory of one UniLM call on each side."""
+    standard scale against SDPA (the kernel alone, report only), the 4-layer model with Attention-E on the kernel
+    against Attention-O on SDPA, forward+backward at L <= 2048, and the peak memory of one UniLM call on each
+    side."""
     dev = opts.device
 
     def add(case: str, ours_name: str, peer_name: str, ours, peer, target: str = TARGET, **extra) -> BenchRow:
@@ -259,6 +260,7 @@ def _fused_rows(L: int, q, k, v, seg, next_mask: Callable[[str], torch.Tensor], 
               max_abs_diff_vs_prescaled_sdpa=f"{err_u:.2e}",
               peak_extra_mib=f"{peaks['ours']:.1f} vs {peaks['peer']:.1f}",
               note="a new unilm_mask object every call; the kernel reads its RankMask, not the L x L mask")
+    yield _model_row(L, seg, opts, tk, backend="fused")
     if L <= (512 if opts.quick else 2048):
         qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
         yield add(f"causal L={L} fwd+bwd", "fused(entropy)", "SDPA is_causal (1/sqrt d)",
@@ -272,19 +274,25 @@ def _fused_rows(L: int, q, k, v, seg, next_mask: Callable[[str], torch.Tensor], 
                            (qg, kg, vg)))
 
 
-def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict, compiled: bool = False) -> BenchRow:
+def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict, compiled: bool = False,
+               backend: str = "sdpa") -> BenchRow:
     """A 4-layer Transformer (dim 128, 2 heads) forward on a fresh UniLM mask per call, Attention-E vs -O: the
     row counts are taken once per forward (the first layer) and reused by the other layers. ``compiled``: both
-    models under ``torch.compile`` (one graph each; the mask is built outside it, as a data loader would)."""
+    models under ``torch.compile`` (one graph each; the mask is built outside it, as a data loader would).
+    ``backend="fused"``: the Attention-E model on the fused kernel, against the Attention-O model on SDPA."""
     from kexue.nn import Transformer
 
     dev = opts.device
     models = {}
     for scale in ("entropy", "standard"):
         torch.manual_seed(0)
-        models[scale] = Transformer(256, dim=128, depth=4, heads=2, attention_scale=scale).to(dev).eval()
+        models[scale] = Transformer(256, dim=128, depth=4, heads=2, attention_scale=scale,
+                                    attention_backend=backend if scale == "entropy" else "sdpa").to(dev).eval()
     ids = torch.randint(0, 256, (1, L), generator=torch.Generator().manual_seed(1)).to(dev)
     prefix, extra = "", {"note": "4 layers, dim 128, 2 heads; unilm_mask built anew in every call"}
+    peer_name = "same, scale='standard'"
+    if backend != "sdpa":
+        prefix, peer_name = f"{backend} ", "Transformer(scale='standard') on SDPA"
 
     def fwd(scale: str) -> Callable[[], torch.Tensor]:
         def call() -> torch.Tensor:
@@ -293,7 +301,7 @@ def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict, compiled
         return call
 
     if compiled:
-        prefix = "compiled "
+        prefix = "compiled " + prefix
         try:
             times = []
             torch._dynamo.reset()
@@ -304,10 +312,10 @@ def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict, compiled
                 times.append(time.perf_counter() - t0)
             extra["compile_s"] = " / ".join(f"{t:.1f}" for t in times)
         except Exception as exc:  # no C++ toolchain on a CPU: report, never fake
-            return BenchRow(f"unilm model L={L} fwd", f"{prefix}Transformer(scale='entropy')", "same, scale='standard'",
+            return BenchRow(f"unilm model L={L} fwd", f"{prefix}Transformer(scale='entropy')", peer_name,
                             float("nan"), None, TARGET, {"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
     timing = compare(fwd("entropy"), fwd("standard"), device=dev, **tk)
-    return BenchRow.of(f"unilm model L={L} fwd", f"{prefix}Transformer(scale='entropy')", "same, scale='standard'",
+    return BenchRow.of(f"unilm model L={L} fwd", f"{prefix}Transformer(scale='entropy')", peer_name,
                        timing, TARGET, extra)
 
 
