@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# What a session lent a CUDA GPU runs first, as one command (~5-8 minutes on an H100/H200):
-#   1. the fused Triton kernel's tests on the compiled kernels (tests/test_fused.py: outputs and gradients
-#      against the reference, every mask, fp32/fp16/bf16), then the CUDA tests (-m cuda);
-#   2. the attention bench on the GPU, fused and eager rows first (quick sizes, L = 512 and 2048), then the
-#      compiled rows.
+# What a session lent a CUDA GPU runs first, as one command (at most 9.5 minutes: the device tool's command limit
+# is 10), in order of value:
+#   1. the attention bench on the GPU, fused and eager rows (quick sizes, L = 512 and 2048); every fused row also
+#      checks its output against SDPA on a pre-scaled q (max_abs_diff_vs_prescaled_sdpa);
+#   2. the fused Triton kernel's tests on the compiled kernels (tests/test_fused.py: outputs and gradients against
+#      the reference, every mask, fp32/fp16/bf16, GPU-sized shapes);
+#   3. the CUDA tests (-m cuda);
+#   4. the bench's compiled, model and backward rows.
 # Each step has its own time limit so one hang cannot eat the session; the logs go to $OUT (the device tool's
 # folder that comes back) or ./gpu-check. Uses the machine's own torch and triton (no install: src/ on the path).
 # Run from the repository root:  bash scripts/gpu-check.sh
@@ -27,9 +30,9 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
 }
 
-step fused-tests 240 $py -m pytest -q -x tests/test_fused.py -p no:cacheprovider
-step cuda-tests 150 $py -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
-step bench-fused 200 $py -m kexue.cli bench attention --quick --device cuda --only fused,eager,control \
+step bench-fused 170 $py -m kexue.cli bench attention --quick --device cuda --only fused,eager,control \
   --json "$out/bench-fused.json"
-step bench-rest 120 $py -m kexue.cli bench attention --quick --device cuda --only compiled,model,backward \
+step fused-tests 170 $py -m pytest -q -x tests/test_fused.py -p no:cacheprovider
+step cuda-tests 120 $py -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+step bench-rest 100 $py -m kexue.cli bench attention --quick --device cuda --only compiled,model,backward \
   --json "$out/bench-rest.json"
