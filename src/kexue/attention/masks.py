@@ -152,9 +152,9 @@ def _attached_ranks(mask: Tensor, identity: tuple | None = None) -> tuple[RankMa
         return None
     ref, last_rec, rm = _LAST_RANKS
     if last_rec is not rec or ref() is not mask:
-        qr, kr, qg, kg, offset, q_len, k_len, _ = rec[3]
+        qr, kr, qg, kg, offset, q_len, k_len, device = rec[3]
         rm = RankMask._built(qr, kr, q_group=qg, k_group=kg, causal_offset=offset, q_len=q_len, k_len=k_len)
-        rm.device = torch.device(rec[3][7])
+        rm.device = torch.device(device)
         _LAST_RANKS[:] = [weakref.ref(mask), rec, rm]
     return rm, rec[1]
 
