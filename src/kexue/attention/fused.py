@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from kexue._checks import check_positive
 
-from .masks import _RANK_MAX, RankMask, _as_allowed, _attached_ranks
+from .masks import _RANK_MAX, RankMask, _as_allowed, _structure_of
 from .scaling import LogNScale, ScaleArg, _row_multiplier
 
 __all__ = ["fused_attention", "fused_available"]
@@ -153,22 +153,7 @@ def _resolve_mask(mask: object, is_causal: bool, B: int, Lq: int, Lk: int,
 
     if isinstance(mask, _MaskMemo):
         mask = mask.mask
-    counts = None
-    if mask is None:
-        rm = None
-    elif isinstance(mask, RankMask):
-        rm = mask
-    elif isinstance(mask, Tensor):
-        got = _attached_ranks(mask)
-        if got is None:
-            raise ValueError("the fused kernel computes its mask from O(L) numbers: pass mask=None, a RankMask, or "
-                             "a mask from kexue's builders (unilm_mask, causal_mask, prefix_lm_mask, "
-                             "permutation_mask, padding_mask) unchanged since it was built; this bool/float tensor "
-                             "carries no such structure (use backend='sdpa' for an arbitrary mask)")
-        rm, counts = got
-    else:
-        raise TypeError(f"mask must be None, a RankMask or a mask tensor from kexue's builders for the fused kernel, "
-                        f"got {type(mask).__name__} (use backend='sdpa' for predicates and block masks)")
+    rm, counts = _structure_of(mask)
     offset = None
     if rm is not None:
         if rm.batch not in (1, B):

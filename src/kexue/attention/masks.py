@@ -506,6 +506,28 @@ def from_dense(mask: Tensor) -> MaskMod:
     return mod
 
 
+_NO_STRUCTURE = ("the fused kernel computes its mask from O(L) numbers: pass mask=None, a RankMask, or a mask "
+                 "from kexue's builders (unilm_mask, causal_mask, prefix_lm_mask, permutation_mask, padding_mask) "
+                 "unchanged since it was built; this mask tensor carries no such structure (use backend='sdpa' for "
+                 "an arbitrary mask)")
+
+
+def _structure_of(mask: object) -> tuple[RankMask | None, Tensor | None]:
+    """(the RankMask, a builder's row counts or None) behind ``mask``: None, a RankMask, or a builder's mask tensor
+    (raises ``ValueError`` for any other tensor, ``TypeError`` for anything else)."""
+    if mask is None:
+        return None, None
+    if isinstance(mask, RankMask):
+        return mask, None
+    if isinstance(mask, Tensor):
+        got = _attached_ranks(mask)
+        if got is None:
+            raise ValueError(_NO_STRUCTURE)
+        return got
+    raise TypeError(f"mask must be None, a RankMask or a mask tensor from kexue's builders for the fused kernel, got "
+                    f"{type(mask).__name__} (use backend='sdpa' for predicates and block masks)")
+
+
 # -------------------------------------------------------------------------------------- structured masks
 _RANK_MAX = 1 << 30          # RankMask.HIDDEN; ranks and groups live in [0, 2**30] so the kernel reads them as int32
 

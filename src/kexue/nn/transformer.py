@@ -42,7 +42,7 @@ from torch import nn
 from kexue._checks import check_choice, check_positive, check_tensor, compute_dtype
 from kexue.attention import LogNScale, RankMask, attention, attention_entropy, causal_mask
 from kexue.attention.core import BACKENDS, _MaskMemo
-from kexue.attention.masks import _attached_ranks
+from kexue.attention.masks import _structure_of
 from kexue.attention.scaling import _check_base, _check_min_n
 
 ATTENTION_SCALES = ("standard", "entropy", "learnable")
@@ -231,6 +231,12 @@ class TransformerOutput:
 torch.export.register_dataclass(TransformerOutput, serialized_type_name="kexue.nn.TransformerOutput")
 
 
+def _check_attention_mask(attention_mask: torch.Tensor, batch: int, length: int) -> None:
+    check_tensor("attention_mask", attention_mask, dim=2)
+    if attention_mask.shape != (batch, length):
+        raise ValueError(f"attention_mask must be [B, L]=[{batch}, {length}], got {tuple(attention_mask.shape)}")
+
+
 class Transformer(nn.Module):
     """Transformer encoder with RoPE, pre-/post-LN, pluggable attention and an MLM head tied to the token
     embeddings. No absolute positions, so it runs at any sequence length.
@@ -349,10 +355,7 @@ class Transformer(nn.Module):
             if mask.dim() != 4 or mask.shape[-2:] != (length, length):
                 raise ValueError(f"mask must broadcast to [B, H, {length}, {length}], got {tuple(mask.shape)}")
         if attention_mask is not None:
-            check_tensor("attention_mask", attention_mask, dim=2)
-            if attention_mask.shape != (batch, length):
-                raise ValueError(f"attention_mask must be [B, L]=[{batch}, {length}], "
-                                 f"got {tuple(attention_mask.shape)}")
+            _check_attention_mask(attention_mask, batch, length)
             if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling() and \
                     not bool(((attention_mask == 0) | (attention_mask == 1)).all()):   # (not while tracing)
                 raise ValueError("attention_mask must hold 1 (a token) and 0 (padding) only, got values "
@@ -365,28 +368,16 @@ class Transformer(nn.Module):
         return mask, is_causal
 
     def _structured_mask(self, batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None,
-                         mask: torch.Tensor | RankMask | None) -> RankMask | None:
-        rm = mask
-        if isinstance(mask, torch.Tensor):
-            got = _attached_ranks(mask)
-            if got is None:
-                raise ValueError("attention_backend='fused' takes mask=None, a RankMask, or a mask from kexue's "
-                                 "builders (unilm_mask, causal_mask, prefix_lm_mask, permutation_mask, padding_mask) "
-                                 "unchanged since it was built; this mask tensor carries no such structure")
-            rm = got[0]
-        elif mask is not None and not isinstance(mask, RankMask):
-            raise TypeError(f"mask must be a bool tensor or a RankMask, got {type(mask).__name__}")
-        if rm is not None and (rm.q_len not in (None, length) or rm.k_len != length or rm.batch not in (1, batch)):
-            raise ValueError(f"mask is for batch {rm.batch}, (Q, K) = ({rm.q_len}, {rm.k_len}); the input is "
-                             f"batch {batch}, length {length}")
-        if attention_mask is not None:
-            check_tensor("attention_mask", attention_mask, dim=2)
-            if attention_mask.shape != (batch, length):
-                raise ValueError(f"attention_mask must be [B, L]=[{batch}, {length}], "
-                                 f"got {tuple(attention_mask.shape)}")
-            am = attention_mask.to(device)
-            rm = RankMask.padding(am) if rm is None else rm.with_key_padding(am)
-        return rm
+                         mask: torch.Tensor | RankMask | None) -> torch.Tensor | RankMask | None:
+        """What the fused kernel gets: the mask itself when no padding is added (a builder's mask keeps its row
+        counts, so no layer counts them again), else its RankMask with the padding keys hidden. Shapes are
+        checked by the kernel's call."""
+        rm, _ = _structure_of(mask)                 # (raises for a mask with no structure)
+        if attention_mask is None:
+            return mask
+        _check_attention_mask(attention_mask, batch, length)
+        am = attention_mask.to(device)
+        return RankMask.padding(am) if rm is None else rm.with_key_padding(am)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
