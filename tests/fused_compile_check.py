@@ -28,22 +28,47 @@ POINTERS = {"Q": None, "K": None, "V": None, "O": None, "DO": None, "DK": None, 
 FLOATS = ("sm_scale", "inv_log2_base", "min_n")
 
 
-def compile_kernel(fn, dtype: str, constexprs: dict, cap: int, warps: int, stages: int):
-    """A cubin of ``fn`` for ``sm_{cap}``: tensors of ``dtype``, scalars as a launch passes them."""
+# the strides a launch with contiguous tensors passes as 1 (Triton then compiles them as the constant 1, which is
+# what tells it that rows are contiguous: vector loads and asynchronous copies); the other integers and the
+# pointers it sees divisible by 16 when they are (as with L = 512, D = 64 and offset 0)
+UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdkd", "sdvd", "sdqd", "sqrm", "sqgm"}
+UNALIGNED = {"H"}     # (lengths, head dims and the offset are multiples of 16 in the usual call: L = 512, D = 64)
+
+
+def compile_kernel(fn, dtype: str, constexprs: dict, cap: int, warps: int, stages: int, contiguous: bool = True):
+    """A cubin of ``fn`` for ``sm_{cap}``: tensors of ``dtype``, scalars as a launch passes them. ``contiguous``:
+    specialised as Triton's launcher specialises a call with contiguous q, k, v (unit strides are the constant 1,
+    pointers and other strides divisible by 16); otherwise as for arbitrary strides."""
     params = inspect.signature(fn.fn).parameters
-    sig = {}
-    for name in fn.arg_names:
+    sig, attrs, consts = {}, {}, dict(constexprs)
+    for i, name in enumerate(fn.arg_names):
         if "constexpr" in str(params[name].annotation):
             sig[name] = "constexpr"
         elif name in POINTERS:
             sig[name] = "*" + (POINTERS[name] or dtype)
+            if contiguous:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        elif contiguous and name in UNIT_STRIDES:
+            sig[name] = "constexpr"
+            consts[name] = 1
         else:
-            sig[name] = "fp32" if name in FLOATS else "i32"
-    missing = {n for n, t in sig.items() if t == "constexpr"} ^ set(constexprs)
+            sig[name] = "i32"
+            if contiguous and name not in UNALIGNED:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    missing = {n for n, t in sig.items() if t == "constexpr"} ^ set(consts)
     if missing:
         raise ValueError(f"constexprs do not match {fn.__name__}: {sorted(missing)}")
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def async_copies(ck) -> int:
+    """How many asynchronous global-to-shared copies the compiled kernel issues: what Triton's software pipeliner
+    turns a loop's loads into (0: every load of the loop waits for its data)."""
+    return ck.asm["ttgir"].count("async_copy_global_to_local")
 
 
 def ptxas_report(ptx: str, cap: int) -> tuple[int | None, int | None]:
@@ -86,14 +111,17 @@ def main(caps: list[int]) -> int:
         for key in sorted(_GPU_CONFIGS, key=str):
             _, _, warps, stages = _GPU_CONFIGS[key]
             dtypes = ["fp32", "fp32"] if key[2] else ["bf16", "fp16"]   # (features on, then off)
-            for i, dtype in enumerate(dtypes):
-                for name, constexprs in variants(key, on=i == 0):
-                    row = {"cap": cap, "key": list(key), "kernel": name, "dtype": dtype, "features": i == 0}
+            # contiguous tensors (the usual launch), features on and off; any strides, features on (sm_90 only)
+            runs = [(dtypes[0], True, True), (dtypes[1], False, True)] + [(dtypes[0], True, False)] * (cap == 90)
+            for dtype, on, contiguous in runs:
+                for name, constexprs in variants(key, on=on):
+                    row = {"cap": cap, "key": list(key), "kernel": name, "dtype": dtype, "features": on,
+                           "contiguous": contiguous, "stages": stages}
                     try:
-                        ck = compile_kernel(getattr(kernels, name), dtype, constexprs, cap, warps, stages)
+                        ck = compile_kernel(getattr(kernels, name), dtype, constexprs, cap, warps, stages, contiguous)
                         regs, spills = ptxas_report(ck.asm["ptx"], cap)
                         row.update(ok=bool(ck.asm.get("cubin")), shared=ck.metadata.shared, registers=regs,
-                                   spill_bytes=spills)
+                                   spill_bytes=spills, async_copies=async_copies(ck))
                     except Exception:              # report every failure, not only the first
                         row.update(ok=False, error=traceback.format_exc(limit=3)[-1500:])
                     print(json.dumps(row), flush=True)

@@ -194,6 +194,35 @@ def test_other_block_sizes(monkeypatch, blocks):
                    _run(attention_reference, q, k, v, "entropy", **kw), f"{name} {blocks}")
 
 
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16)])
+def test_dead_blocks_inside_the_scanned_range_are_masked(monkeypatch, blocks):
+    """The loops run over the blocks from the first to the last that some row may see, with no branch around their
+    loads (so that Triton pipelines them); the blocks in between that no row may see must then be masked. The
+    masks of article 3 have none (their visible keys are a prefix in rank order); these do: groups and ranks
+    that alternate block by block, hidden keys at the start (left padding) and query blocks that see nothing."""
+    if DEV == "cuda":
+        pytest.skip("block sizes are fixed by the GPU configuration")
+    monkeypatch.setattr(fused_mod, "_INTERPRETER_BLOCKS", blocks)
+    B, H, L = 2, 1, 70
+    q, k, v = _qkv(B, H, L, L, 16, torch.float32)
+    pos = torch.arange(L)
+    stripes = torch.stack([(pos // 16) % 2, (pos // 32) % 2])           # one group per block, alternating
+    left_pad = (pos[None] >= torch.tensor([[20], [37]])).long()
+    masks = {
+        "alternating groups": RankMask.documents(stripes),
+        "alternating groups, causal": RankMask.documents(stripes, causal=True),
+        "alternating ranks": RankMask(q_rank=pos.expand(B, L), k_rank=torch.where(stripes > 0, 50, 0)),
+        "left padding": RankMask.padding(left_pad),
+        "rows that see nothing": RankMask(q_rank=torch.where(pos < 40, 0, 5).expand(B, L),
+                                          k_rank=torch.ones(B, L, dtype=torch.long)),
+    }
+    for name, mask in masks.items():
+        for scale in ("standard", "entropy"):
+            kw = dict(mask=mask, min_n=2)
+            _check(torch.float32, _run(fused_attention, q, k, v, scale, **kw),
+                   _run(attention_reference, q, k, v, scale, **kw), f"{name} {scale} {blocks}")
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="the GPU block sizes (64-128) need long sequences to span many blocks")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("L,D", [(300, 64), (1031, 64), (520, 128), (257, 256)])

@@ -18,8 +18,14 @@ Notation (one program handles ``BLOCK_M`` query rows of one (batch, head), or ``
 * the forward keeps ``lse2_i = log2 sum_j exp2(c_i log2(e) q_i . k_j)`` (``+inf`` for a row that sees no key,
   whose output is 0) and ``cb_i = c_i / mult_i`` for the backward.
 
-Blocks of keys that no row of the block may see are skipped (rank / group ranges, causal bounds), so a UniLM or
-prefix-LM mask costs only the visible blocks and an L x L mask is never read.
+Each program first scans the ranks / groups of the other side (1024 at a time) for the first and the last block
+that some of its rows may see (``_key_range``, ``_query_range``), then loops over that range with no branch
+around its loads, so that Triton software-pipelines them (asynchronous copies; an ``if`` around the loads, as
+the first version had, keeps the pipeliner out -- tests/test_fused_compile.py checks the compiled loops). Blocks
+outside the range are never read; a block inside it that no row may see is masked element-wise like any
+partly visible one. For every mask of article 3 the range is exact (the visible keys are a prefix in rank order,
+documents are contiguous), so a UniLM or prefix-LM mask costs only its visible blocks and an L x L mask is never
+read.
 """
 
 from __future__ import annotations
@@ -92,7 +98,8 @@ def _load_cols(KR, KG, b, offs_n, col_ok, skrb, skgb, HAS_RANK: tl.constexpr, HA
 
 @triton.jit
 def _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr):
-    """Whether some row of the query block may see some key of the key block (a necessary condition)."""
+    """Whether some row of the query block may see some key of the key block (a necessary condition); for one pair
+    of blocks or, with vectors on one side, for each block of a scanned chunk."""
     live = True
     if HAS_RANK:
         live = kr_min <= qr_max
@@ -106,18 +113,94 @@ def _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK: tl.con
 
 
 @triton.jit
+def _chunk_ranges(R, G, sr_b, sr, sg_b, sg, b, offs, ok, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr,
+                  NB: tl.constexpr, BLOCK: tl.constexpr):
+    """Min / max rank and group of each of the ``NB`` blocks of a scanned chunk (positions past the end left out:
+    min BIG, max -BIG); placeholders for what the mask lacks."""
+    r_min = tl.zeros([NB], tl.int32)
+    r_max = r_min
+    g_min = r_min
+    g_max = r_min
+    if HAS_RANK:
+        r = tl.reshape(tl.load(R + b * sr_b + offs * sr, mask=ok, other=0), (NB, BLOCK))
+        r_ok = tl.reshape(ok, (NB, BLOCK))
+        r_min = tl.min(tl.where(r_ok, r, BIG), 1)
+        r_max = tl.max(tl.where(r_ok, r, -BIG), 1)
+    if HAS_GROUP:
+        g = tl.reshape(tl.load(G + b * sg_b + offs * sg, mask=ok, other=0), (NB, BLOCK))
+        g_ok = tl.reshape(ok, (NB, BLOCK))
+        g_min = tl.min(tl.where(g_ok, g, BIG), 1)
+        g_max = tl.max(tl.where(g_ok, g, -BIG), 1)
+    return r_min, r_max, g_min, g_max
+
+
+@triton.jit
+def _key_range(KR, KG, b, skrb, skgb, hi, Lk, qr_max, qg_min, qg_max,
+               HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[lo, hi)``: from the first key block some row of the query block may see to one past the last one (within
+    the causal end ``hi``; empty when there is none), read from the key ranks / groups alone.
+
+    The main loops then run over this range with no data-dependent branch around their loads -- which is what
+    lets Triton software-pipeline them (it does not pipeline a load under an ``if``) -- and mask the dead blocks
+    inside it element-wise (``_partial`` flags them). For the masks of article 3 the range is exact: the keys a
+    UniLM, prefix-LM or padding row sees are a prefix in rank order, and packed documents are contiguous."""
+    lo = 0
+    if HAS_RANK or HAS_GROUP:
+        NB: tl.constexpr = 1024 // BLOCK_N            # blocks scanned a step
+        first = hi * 0 + BIG
+        last = hi * 0 - 1
+        for start in range(0, hi, NB * BLOCK_N):
+            offs = start + tl.arange(0, NB * BLOCK_N)
+            kr_min, kr_max, kg_min, kg_max = _chunk_ranges(KR, KG, skrb, 1, skgb, 1, b, offs, offs < Lk,
+                                                           HAS_RANK, HAS_GROUP, NB, BLOCK_N)
+            idx = start // BLOCK_N + tl.arange(0, NB)
+            live = _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP)
+            live = live & (idx * BLOCK_N < hi)
+            first = tl.minimum(first, tl.min(tl.where(live, idx, BIG), 0))
+            last = tl.maximum(last, tl.max(tl.where(live, idx, -1), 0))
+        lo = tl.where(last >= 0, first, 0) * BLOCK_N
+        hi = (last + 1) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _query_range(QR, QG, b, sqrb, sqrm, sqgb, sqgm, lo, Lq, kr_min, kg_min, kg_max,
+                 HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``[lo, hi)`` of the query blocks (from ``lo``, the causal start) that may see some key of a key block:
+    :func:`_key_range` seen from the keys, for the dK/dV pass."""
+    hi = Lq
+    if HAS_RANK or HAS_GROUP:
+        NB: tl.constexpr = 1024 // BLOCK_M
+        first = Lq * 0 + BIG
+        last = Lq * 0 - 1
+        for start in range(lo, Lq, NB * BLOCK_M):
+            offs = start + tl.arange(0, NB * BLOCK_M)
+            qr_min, qr_max, qg_min, qg_max = _chunk_ranges(QR, QG, sqrb, sqrm, sqgb, sqgm, b, offs, offs < Lq,
+                                                           HAS_RANK, HAS_GROUP, NB, BLOCK_M)
+            starts = start + tl.arange(0, NB) * BLOCK_M
+            live = _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP)
+            live = live & (starts < Lq)
+            first = tl.minimum(first, tl.min(tl.where(live, starts, BIG), 0))
+            last = tl.maximum(last, tl.max(tl.where(live, starts, -1), 0))
+        hi = tl.where(last >= 0, last + BLOCK_M, lo)
+        lo = tl.where(last >= 0, first, lo)
+    return lo, hi
+
+
+@triton.jit
 def _partial(start_m, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min, kg_max,
              IS_CAUSAL: tl.constexpr, HAS_RANK: tl.constexpr, HAS_GROUP: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Whether some (row, key) pair of a live block is hidden, i.e. the element-wise mask is needed there. Most
-    live blocks are whole (below the causal diagonal; source keys for target rows under UniLM) and skip it."""
+    """Whether some (row, key) pair of a block is hidden, i.e. the element-wise mask is needed there (always true
+    of a block no row may see). Most visited blocks are whole (below the causal diagonal; source keys for target
+    rows under UniLM) and skip it."""
     part = start_n + BLOCK_N > Lk
     if IS_CAUSAL:
         part = part | (start_n + BLOCK_N - 1 > start_m + causal_offset)
     if HAS_RANK:
         part = part | (kr_max > qr_min)
-    if HAS_GROUP:       # (one group on each side, and the block is live: the same group)
-        part = part | (kg_min != kg_max) | (qg_min != qg_max)
+    if HAS_GROUP:       # whole only with one group on each side, the same one
+        part = part | (kg_min != kg_max) | (qg_min != qg_max) | (kg_min != qg_min)
     return part
 
 
@@ -198,7 +281,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
     q = _tile(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, Lq, D, UPCAST)
     qr, qr_min, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
                                                         HAS_RANK, HAS_GROUP)
-    hi = _causal_end(pid_m, Lk, causal_offset, IS_CAUSAL, BLOCK_M)
+    lo, hi = _key_range(KR, KG, b, skrb, skgb, _causal_end(pid_m, Lk, causal_offset, IS_CAUSAL, BLOCK_M), Lk,
+                        qr_max, qg_min, qg_max, HAS_RANK, HAS_GROUP, BLOCK_N)
 
     # ---- the per-row scale c_i
     cb = tl.full([BLOCK_M], 1.0, tl.float32) * sm_scale
@@ -207,18 +291,16 @@ def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
             n = tl.load(COUNTS + b * scb + offs_m * scm, mask=row_ok, other=0).to(tl.float32)
         elif HAS_RANK or HAS_GROUP:
             cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
-            for start_n in range(0, hi, BLOCK_N):
+            for start_n in range(lo, hi, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, offs_n < Lk, skrb, skgb,
                                                                     HAS_RANK, HAS_GROUP)
-                if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
-                    if _partial(start_m, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min,
-                                kg_max, IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
-                        vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK,
-                                       HAS_GROUP)
-                        cnt += tl.sum(vis.to(tl.int32), 1)
-                    else:
-                        cnt += BLOCK_N
+                if _partial(start_m, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min, kg_max,
+                            IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
+                    vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
+                    cnt += tl.sum(vis.to(tl.int32), 1)
+                else:
+                    cnt += BLOCK_N
             n = cnt.to(tl.float32)
         elif IS_CAUSAL:
             n = tl.minimum(tl.maximum(offs_m + 1 + causal_offset, 0), Lk).to(tl.float32)
@@ -234,26 +316,25 @@ def _fwd_kernel(Q, K, V, O, LSE, CB, COUNTS, QR, KR, QG, KG, MULT,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, offs_n < Lk, skrb, skgb,
                                                             HAS_RANK, HAS_GROUP)
-        if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
-            k = _tile(K, b, h, offs_n, offs_d, skb, skh, skn, skd, Lk, D, UPCAST)
-            v = _tile(V, b, h, offs_n, offs_dv, svb, svh, svn, svd, Lk, DV, UPCAST)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * c2[:, None]
-            if _partial(start_m, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min, kg_max,
-                        IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
-                vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
-                s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with nothing visible yet
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            pv = _operand(p.to(V.dtype.element_ty), UPCAST)
-            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION)
-            m_i = m_new
+        k = _tile(K, b, h, offs_n, offs_d, skb, skh, skn, skd, Lk, D, UPCAST)
+        v = _tile(V, b, h, offs_n, offs_dv, svb, svh, svn, svd, Lk, DV, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * c2[:, None]
+        if _partial(start_m, start_n, Lk, causal_offset, qr_min, kr_max, qg_min, qg_max, kg_min, kg_max,
+                    IS_CAUSAL, HAS_RANK, HAS_GROUP, BLOCK_M, BLOCK_N):
+            vis = _visible(offs_m, offs_n, qr, kr, qg, kg, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP)
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pv = _operand(p.to(V.dtype.element_ty), UPCAST)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION)
+        m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     _store_tile(O, acc / l_safe[:, None], b, h, offs_m, offs_dv, sob, soh, som, sod, Lq, DV)
@@ -289,28 +370,29 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
     lo = 0
     if IS_CAUSAL:   # the first query that may see this block's first key: i >= start_n - causal_offset
         lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+    lo, hi = _query_range(QR, QG, b, sqrb, sqrm, sqgb, sqgm, lo, Lq, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP,
+                          BLOCK_M)
     row_base = pid_bh.to(tl.int64) * Lq
-    for start_m in range(lo, Lq, BLOCK_M):
+    for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
         qr, qr_min, qr_max, qg, qg_min, qg_max = _load_rows(QR, QG, b, offs_m, row_ok, sqrb, sqrm, sqgb, sqgm,
                                                             HAS_RANK, HAS_GROUP)
-        if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
-            q = _tile(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, Lq, D, UPCAST)
-            do = _tile(DO, b, h, offs_m, offs_dv, sdob, sdoh, sdom, sdod, Lq, DV, UPCAST)
-            lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-            c = _row_scale(CB, MULT, row_base + offs_m, b, h, offs_m, row_ok, smb, smh, smm, HAS_MULT)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            p = _bwd_probs(qk, c * LOG2E, lse, start_m, start_n, offs_m, offs_n, qr, qr_min, qg, qg_min, qg_max,
-                           kr, kr_max, kg, kg_min, kg_max, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP,
-                           BLOCK_M, BLOCK_N)
-            pt = _operand(tl.trans(p).to(DO.dtype.element_ty), UPCAST)
-            dv += tl.dot(pt, do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])                   # d loss / d logits
-            dst = _operand(tl.trans(ds * c[:, None]).to(Q.dtype.element_ty), UPCAST)
-            dk += tl.dot(dst, q, input_precision=PRECISION)
+        q = _tile(Q, b, h, offs_m, offs_d, sqb, sqh, sqm, sqd, Lq, D, UPCAST)
+        do = _tile(DO, b, h, offs_m, offs_dv, sdob, sdoh, sdom, sdod, Lq, DV, UPCAST)
+        lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+        c = _row_scale(CB, MULT, row_base + offs_m, b, h, offs_m, row_ok, smb, smh, smm, HAS_MULT)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = _bwd_probs(qk, c * LOG2E, lse, start_m, start_n, offs_m, offs_n, qr, qr_min, qg, qg_min, qg_max,
+                       kr, kr_max, kg, kg_min, kg_max, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP,
+                       BLOCK_M, BLOCK_N)
+        pt = _operand(tl.trans(p).to(DO.dtype.element_ty), UPCAST)
+        dv += tl.dot(pt, do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])                   # d loss / d logits
+        dst = _operand(tl.trans(ds * c[:, None]).to(Q.dtype.element_ty), UPCAST)
+        dk += tl.dot(dst, q, input_precision=PRECISION)
     _store_tile(DK, dk, b, h, offs_n, offs_d, sdkb, sdkh, sdkn, sdkd, Lk, D)
     _store_tile(DV_, dv, b, h, offs_n, offs_dv, sdvb, sdvh, sdvn, sdvd, Lk, DV)
 
@@ -344,22 +426,23 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, DC, LSE, CB, DELTA, QR, KR, QG, KG, MULT,
                                                         HAS_RANK, HAS_GROUP)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, _causal_end(pid_m, Lk, causal_offset, IS_CAUSAL, BLOCK_M), BLOCK_N):
+    lo, hi = _key_range(KR, KG, b, skrb, skgb, _causal_end(pid_m, Lk, causal_offset, IS_CAUSAL, BLOCK_M), Lk,
+                        qr_max, qg_min, qg_max, HAS_RANK, HAS_GROUP, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kr, kr_min, kr_max, kg, kg_min, kg_max = _load_cols(KR, KG, b, offs_n, offs_n < Lk, skrb, skgb,
                                                             HAS_RANK, HAS_GROUP)
-        if _block_live(qr_max, qg_min, qg_max, kr_min, kg_min, kg_max, HAS_RANK, HAS_GROUP):
-            k = _tile(K, b, h, offs_n, offs_d, skb, skh, skn, skd, Lk, D, UPCAST)
-            v = _tile(V, b, h, offs_n, offs_dv, svb, svh, svn, svd, Lk, DV, UPCAST)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            p = _bwd_probs(qk, c2, lse, start_m, start_n, offs_m, offs_n, qr, qr_min, qg, qg_min, qg_max,
-                           kr, kr_max, kg, kg_min, kg_max, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP,
-                           BLOCK_M, BLOCK_N)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(_operand(ds.to(K.dtype.element_ty), UPCAST), k, input_precision=PRECISION)
-            if GRAD_C:
-                dc += tl.sum(ds * qk, 1)
+        k = _tile(K, b, h, offs_n, offs_d, skb, skh, skn, skd, Lk, D, UPCAST)
+        v = _tile(V, b, h, offs_n, offs_dv, svb, svh, svn, svd, Lk, DV, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = _bwd_probs(qk, c2, lse, start_m, start_n, offs_m, offs_n, qr, qr_min, qg, qg_min, qg_max,
+                       kr, kr_max, kg, kg_min, kg_max, Lk, causal_offset, IS_CAUSAL, HAS_RANK, HAS_GROUP,
+                       BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(_operand(ds.to(K.dtype.element_ty), UPCAST), k, input_precision=PRECISION)
+        if GRAD_C:
+            dc += tl.sum(ds * qk, 1)
     _store_tile(DQ, dq * c[:, None], b, h, offs_m, offs_d, sdqb, sdqh, sdqm, sdqd, Lq, D)
     if GRAD_C:
         tl.store(DC + row, dc, mask=row_ok)

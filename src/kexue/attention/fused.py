@@ -6,8 +6,8 @@ O(L) numbers, a :class:`~kexue.attention.masks.RankMask`:
 
 * the mask: query ``i`` sees key ``j`` iff ``k_rank[j] <= q_rank[i]`` (UniLM's ``cumsum(segment_ids)``,
   prefix-LM, permutation order, hidden padding keys), ``k_group[j] == q_group[i]`` (packed documents) and
-  ``j <= i + offset`` (causal) -- no L x L mask is built or read, and the key blocks no row of a query block
-  may see are skipped;
+  ``j <= i + offset`` (causal) -- no L x L mask is built or read, and each block of rows loops only over the
+  key blocks from the first to the last it may see;
 * the scale: ``c_i = log_base(max(n_i, min_n)) / sqrt(d)`` (kexue.fm/archives/8823), with ``n_i`` the number of
   keys row ``i`` sees, counted in the kernel (or taken from the counts a mask builder attached); a per-head
   :class:`~kexue.attention.LogNScale` or a per-row scale tensor multiplies in, with gradients.
@@ -84,22 +84,24 @@ def fused_available(device: torch.device | str = "cuda") -> bool:
 
 # Launch settings (BLOCK_M, BLOCK_N, warps, pipeline stages) by (pass, head-dim bucket, fp32?). Not timed (no GPU
 # has run these kernels yet) but chosen so that no variant spills registers on sm_90: compiled offline with
-# Triton 3.9 for sm_90a with every feature on (causal, ranks, groups, multiplier, entropy) and off, and read with
-# `ptxas -v` (tests/fused_compile_check.py; the earlier picks spilled up to 2.8 KB per thread in fp32 and used
-# 255 registers with 4 warps on 128-row blocks). Registers per thread with every feature on in the comments.
+# Triton 3.9 for sm_90a with every feature on (causal, ranks, groups, multiplier, entropy) and off, specialised as
+# a launch with contiguous tensors is and also for any strides, and read with `ptxas -v`
+# (tests/fused_compile_check.py; the earlier picks spilled up to 2.8 KB per thread in fp32 and used 255 registers
+# with 4 warps on 128-row blocks). Registers per thread, every feature on, contiguous, in the comments. With 2 or
+# more stages the loop's loads are software-pipelined (asynchronous copies), which the same check holds them to.
 _GPU_CONFIGS: dict[tuple[str, int, bool], tuple[int, int, int, int]] = {
-    ("fwd", 64, False): (128, 64, 8, 3),    # 232
-    ("fwd", 128, False): (128, 32, 8, 3),   # 254
-    ("fwd", 256, False): (64, 32, 8, 2),    # 254
+    ("fwd", 64, False): (128, 64, 8, 3),    # 238
+    ("fwd", 128, False): (128, 32, 8, 3),   # 178
+    ("fwd", 256, False): (64, 32, 8, 2),    # 174
     ("fwd", 64, True): (32, 32, 4, 2),      # 128
-    ("fwd", 128, True): (32, 32, 8, 2),     # 128
-    ("fwd", 256, True): (32, 32, 8, 1),     # 128
-    ("bwd", 64, False): (64, 64, 8, 2),     # 217 (dK/dV) / 218 (dQ)
-    ("bwd", 128, False): (64, 32, 8, 2),    # 219 / 212
-    ("bwd", 256, False): (16, 16, 8, 1),    # 227 / 156
-    ("bwd", 64, True): (16, 16, 4, 1),      # 92 / 110 (2 stages: 4 KB of spills with the features off)
-    ("bwd", 128, True): (16, 32, 8, 1),     # 167 / 108
-    ("bwd", 256, True): (16, 16, 4, 1),     # 210 / 146
+    ("fwd", 128, True): (32, 32, 8, 2),     # 111
+    ("fwd", 256, True): (32, 32, 8, 2),     # 128 (1 stage: 4 bytes of spills)
+    ("bwd", 64, False): (64, 64, 8, 2),     # 213 (dK/dV) / 216 (dQ)
+    ("bwd", 128, False): (32, 64, 8, 2),    # 216 / 196 ((64, 32): 8 bytes of spills for strided tensors)
+    ("bwd", 256, False): (16, 16, 8, 1),    # 128 / 160
+    ("bwd", 64, True): (16, 16, 4, 1),      # 70 / 96 (2 stages: 4 KB of spills with the features off)
+    ("bwd", 128, True): (16, 32, 8, 1),     # 90 / 76
+    ("bwd", 256, True): (16, 16, 4, 1),     # 168 / 128
 }
 _INTERPRETER_BLOCKS = (16, 16)          # tests may change it (e.g. to (32, 16)) to cover unequal blocks
 
