@@ -6,7 +6,7 @@
 #   2. the fused Triton kernel's tests on the compiled kernels (tests/test_fused.py: outputs and gradients against
 #      the reference, every mask, fp32/fp16/bf16, GPU-sized shapes);
 #   3. the CUDA tests (-m cuda);
-#   4. the bench's compiled, model and backward rows.
+#   4. the bench's compiled (the fused kernel inside a compiled graph too), model and backward rows.
 # Each step has its own time limit so one hang cannot eat the session; the logs go to $OUT (the device tool's
 # folder that comes back) or ./gpu-check. Uses the machine's own torch and triton (no install: src/ on the path).
 # Run from the repository root:  bash scripts/gpu-check.sh
@@ -32,7 +32,7 @@ step() {  # step NAME SECONDS COMMAND...
 
 step bench-fused 170 $py -m kexue.cli bench attention --quick --device cuda --only fused,eager,control \
   --json "$out/bench-fused.json"
-step fused-tests 170 $py -m pytest -q -x tests/test_fused.py -p no:cacheprovider
-step cuda-tests 120 $py -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
-step bench-rest 100 $py -m kexue.cli bench attention --quick --device cuda --only compiled,model,backward \
+step fused-tests 160 $py -m pytest -q -x tests/test_fused.py -p no:cacheprovider
+step cuda-tests 110 $py -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+step bench-rest 130 $py -m kexue.cli bench attention --quick --device cuda --only compiled,model,backward \
   --json "$out/bench-rest.json"

@@ -395,6 +395,69 @@ def test_rank_mask_bad_input():
         RankMask(k_len=3, causal_offset=0).to_dense()
 
 
+# ------------------------------------------------------------------------------------------- torch.compile
+def _compiled(fn):
+    """``fn`` under torch.compile (fullgraph: a graph break is an error; aot_eager, which runs the graph's ops as
+    they are, so the interpreter can run the kernels on a CPU), and the list it fills with the op names of the
+    graphs it compiles."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True), seen
+
+
+@pytest.mark.parametrize("scale", ["standard", "entropy", "learnable", "tensor"])
+def test_under_torch_compile_the_kernel_is_in_the_graph(scale):
+    """With a RankMask (or no mask) the launches are the custom ops kexue::fused_attention_fwd / _bwd: the traced
+    call has no graph break, and values and gradients (q, k, v, a learnable or tensor scale) equal the reference."""
+    B, H, L = 2, 2, 37
+    q, k, v = _qkv(B, H, L, L, 16, torch.float32)
+    seg = (torch.arange(L)[None] >= torch.tensor([[12], [30]])).long().to(DEV)
+    am = (torch.arange(L)[None] < torch.tensor([[L], [L - 6]])).long().to(DEV)
+    docs = (torch.arange(L)[None] // 10).expand(B, L).to(DEV)
+    scale_arg = {"learnable": LogNScale(H, learnable=True, min_n=4).to(DEV),
+                 "tensor": torch.rand(B, H, L, 1, generator=torch.Generator().manual_seed(3)).to(DEV) + 0.1}
+    scale_arg = scale_arg.get(scale, scale)
+    for mask, is_causal in ((RankMask.unilm(seg, am), False), (RankMask.documents(docs, causal=True), False),
+                            (None, True)):
+        fn, ops = _compiled(fused_attention)
+        got = _run(fn, q, k, v, scale_arg, mask=mask, is_causal=is_causal, min_n=4)
+        assert "kexue.fused_attention_fwd.default" in ops, ops
+        want = _run(attention_reference, q, k, v, scale_arg, mask=mask, is_causal=is_causal, min_n=4)
+        _check(torch.float32, got, want, f"compiled {mask} {scale}")
+
+
+def test_the_custom_ops_pass_opcheck():
+    """Schema, fake (meta) kernels and autograd registration of the custom ops, checked by torch.library.opcheck."""
+    B, H, L = 1, 2, 20
+    q, k, v = (t.requires_grad_(True) for t in _qkv(B, H, L, L, 16, torch.float32))
+    rm = RankMask.unilm((torch.arange(L)[None] >= 8).long().to(DEV))
+    spec = fused_mod._make_spec(rm, None, rm.causal_offset, True, 0.25, 4.0, 512.0, q, L, keep=False)
+    flags, nums = fused_mod._spec_numbers(spec)
+    mult = torch.rand(1, H, 1, device=DEV, requires_grad=True)
+    args = (q, k, v, spec.qr, spec.kr, spec.qg, spec.kg, spec.counts, mult, flags, nums)
+    torch.library.opcheck(torch.ops.kexue.fused_attention_fwd.default, args)
+    o, lse, cb = torch.ops.kexue.fused_attention_fwd(*args)
+    bwd_args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, cb, spec.qr, spec.kr,
+                spec.qg, spec.kg, spec.counts, mult.detach(), flags, nums, True)
+    torch.library.opcheck(torch.ops.kexue.fused_attention_bwd.default, bwd_args)
+
+
+def test_a_builders_mask_under_torch_compile_runs_outside_the_graph():
+    """A builder's mask tensor carries its structure as Python state a trace cannot read: the kernel call is then
+    a graph break (run eagerly), with the same results."""
+    B, H, L = 2, 1, 21
+    q, k, v = _qkv(B, H, L, L, 16, torch.float32)
+    mask = unilm_mask((torch.arange(L)[None] >= torch.tensor([[5], [15]])).long().to(DEV))
+    torch._dynamo.reset()
+    got = _run(torch.compile(fused_attention, backend="aot_eager"), q, k, v, "entropy", mask=mask)
+    _check(torch.float32, got, _run(attention_reference, q, k, v, "entropy", mask=mask), "builder mask, compiled")
+
+
 # ------------------------------------------------------------------------------------------------ the model
 @pytest.mark.parametrize("scale", ["entropy", "learnable"])
 def test_transformer_on_the_fused_backend_matches_sdpa(scale):
@@ -422,6 +485,36 @@ def test_transformer_on_the_fused_backend_matches_sdpa(scale):
         torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
         for x, y in zip(a.entropies, b.entropies):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+        for name in ga:
+            torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_compiled_transformer_keeps_the_fused_kernel_in_one_graph():
+    """torch.compile(fullgraph=True) of a Transformer on the fused backend with a RankMask (padding added, or
+    is_causal): one graph with the kernel's op in it, and logits and parameter gradients equal to the eager SDPA
+    model's."""
+    from kexue.nn import Transformer
+
+    B, L = 2, 23
+    ids = torch.randint(0, 50, (B, L), generator=torch.Generator().manual_seed(1)).to(DEV)
+    seg = (torch.arange(L)[None] >= torch.tensor([[7], [15]])).long().to(DEV)
+    am = (torch.arange(L)[None] < torch.tensor([[L], [18]])).long().to(DEV)
+    for kw in (dict(mask=RankMask.unilm(seg), attention_mask=am), dict(is_causal=True)):
+        results = []
+        for backend in ("sdpa", "fused"):
+            torch.manual_seed(0)
+            model = Transformer(50, dim=32, depth=2, heads=2, attention_scale="entropy", min_n=4,
+                                attention_backend=backend).to(DEV)
+            if backend == "fused":
+                fn, ops = _compiled(lambda ids, model=model, kw=kw: model(ids, **kw).logits)
+                logits = fn(ids)
+                assert ops.count("kexue.fused_attention_fwd.default") == 2, ops    # one per layer
+            else:
+                logits = model(ids, **kw).logits
+            logits.square().mean().backward()
+            results.append((logits, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (a, ga), (b, gb) = results
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         for name in ga:
             torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
@@ -476,11 +569,15 @@ def test_bench_rows_for_the_fused_kernel_run(monkeypatch):
     seg = (torch.arange(L) >= L // 2).long()[None].to(DEV)
     next_mask = bench._in_turn([unilm_mask(seg), unilm_mask(seg)])
     tk = {"repeats": 1, "rounds": 1, "warmup": 1, "min_time": 0.0}
-    rows = list(bench._fused_rows(L, q, k, v, seg, next_mask, BenchOptions(device=DEV, quick=True), tk))
+    opts = BenchOptions(device=DEV, quick=True)
+    rows = list(bench._fused_rows(L, q, k, v, seg, next_mask, opts, tk))
+    rows += list(bench._fused_compiled_rows(L, q, k, v, seg, opts, tk))
     assert [r.ours for r in rows] == ["fused(entropy)", "fused(standard)", "fused(entropy) new mask",
                                       "fused Transformer(scale='entropy')", "fused(entropy)",
-                                      "fused(entropy) new mask"]
-    assert all(r.ours_s > 0 and r.peer_s > 0 for r in rows)
+                                      "fused(entropy) new mask", "compiled fused(entropy)",
+                                      "compiled fused(entropy) new RankMask",
+                                      "compiled fused Transformer(scale='entropy')"]
+    assert all(r.ours_s > 0 and r.peer_s > 0 for r in rows), [(r.ours, r.extra.get("error")) for r in rows]
     for r in rows:
         if "max_abs_diff_vs_prescaled_sdpa" in r.extra:
             assert float(r.extra["max_abs_diff_vs_prescaled_sdpa"]) < 1e-4

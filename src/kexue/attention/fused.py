@@ -21,6 +21,10 @@ before the first call, Triton's interpreter runs the same kernels on CPU tensors
 test suite checks them against :func:`~kexue.attention.attention_reference` on a machine without a GPU. The
 reference is the definition; this is a fast path, and ``attention(..., backend="fused")`` is how a model
 asks for it.
+
+Under ``torch.compile`` a call with a ``RankMask`` or no mask traces into the graph as the custom ops
+``kexue::fused_attention_fwd`` / ``kexue::fused_attention_bwd`` (no graph break); a builder's mask tensor, whose
+structure is Python state a trace cannot read, makes the call run outside the graph.
 """
 
 from __future__ import annotations
@@ -139,13 +143,17 @@ def _prepared(rm: RankMask, device: torch.device) -> tuple[Tensor | None, ...]:
     cache = rm.__dict__.setdefault("_fused_cache", {})
     got = cache.get(device)
     if got is None:
-        def i32(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device=device, dtype=torch.int32).contiguous()
-
-        got = (i32(rm.q_rank), i32(rm.k_rank), i32(rm.q_group), i32(rm.k_group))
+        got = _int32_vectors(rm, device)
         cache.clear()
         cache[device] = got
     return got
+
+
+def _int32_vectors(rm: RankMask, device: torch.device) -> tuple[Tensor | None, ...]:
+    def i32(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(device=device, dtype=torch.int32).contiguous()
+
+    return i32(rm.q_rank), i32(rm.k_rank), i32(rm.q_group), i32(rm.k_group)
 
 
 def _resolve_mask(mask: object, is_causal: bool, B: int, Lq: int, Lk: int,
@@ -221,8 +229,13 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: RankMask | Tensor | N
         >>> q = k = v = torch.randn(1, 8, 512, 64, device="cuda", dtype=torch.bfloat16)   # doctest: +SKIP
         >>> out = fused_attention(q, k, v, RankMask.unilm(seg), scale="entropy")  # doctest: +SKIP
     """
-    if torch.compiler.is_compiling():       # torch.compile: a graph break around the kernel launch
-        return _fused_outside_graph(q, k, v, mask, scale, min_n, base, is_causal)
+    if torch.compiler.is_compiling():
+        from .core import _MaskMemo
+
+        inner = mask.mask if isinstance(mask, _MaskMemo) else mask   # (a Transformer's shared mask wrapper)
+        if inner is None or isinstance(inner, RankMask):   # in the graph, as the custom ops kexue::fused_attention_*
+            return _fused(q, k, v, inner, scale, min_n, base, is_causal, traced=True)
+        return _fused_outside_graph(q, k, v, mask, scale, min_n, base, is_causal)   # a builder's mask: a break
     return _fused(q, k, v, mask, scale, min_n, base, is_causal)
 
 
@@ -238,7 +251,7 @@ _LAST_SPEC: list = [None, None, None]       # (weak ref to the RankMask or None,
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, mask: object, scale: ScaleArg, min_n: float, base: float,
-           is_causal: bool) -> Tensor:
+           is_causal: bool, traced: bool = False) -> Tensor:
     from .core import _check_common, _check_qkv, attention_reference
 
     B, H, Lq, Lk, D = _check_qkv(q, k, v)
@@ -249,16 +262,19 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, mask: object, scale: ScaleArg, min_n
         raise ValueError(f"the fused kernel takes head dims up to {_MAX_HEAD_DIM}, got {D} and {DV}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    _check_common(scale, min_n, base, 0.0, False)
-    _kernels()                                  # (raises when Triton is missing)
-    if not (q.is_cuda or _interpreting()):
-        raise ValueError(f"the fused kernel runs on CUDA tensors, got {q.device} (use backend='sdpa')")
+    _check_common(scale, min_n, base, 0.0, traced)
+    if not traced:      # (traced: the op checks it when it runs; the checks read cached module state)
+        _check_runnable(q)
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     rm, counts, offset = _resolve_mask(mask, is_causal, B, Lq, Lk, q.device)
     if Lq == 0 or Lk == 0:                      # nothing to launch: every row is empty (output 0) or no rows
         return attention_reference(q, k, v, rm, scale, min_n=min_n, base=base, is_causal=is_causal)
     entropy, mult, sm_scale, min_n_, base_ = _resolve_scale(scale, q, Lk, rm, is_causal, min_n, base)
+    if traced:          # nothing kept between calls; the launches are custom ops, with their autograd formula
+        spec = _make_spec(rm, counts, offset, entropy, sm_scale, min_n_, base_, q, Lk, keep=False)
+        flags, nums = _spec_numbers(spec)
+        return _fwd_op(q, k, v, spec.qr, spec.kr, spec.qg, spec.kg, spec.counts, mult, flags, nums)[0]
     # (the counts belong to the mask: the same RankMask object, checked below, comes with the same counts)
     key = (B, Lq, Lk, q.device, offset, entropy, sm_scale, float(min_n_), float(base_), counts is None)
     ref, last_key, spec = _LAST_SPEC
@@ -271,19 +287,28 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, mask: object, scale: ScaleArg, min_n
     return _forward(q, k, v, mult, spec)[0]     # (no graph to record: the autograd Function's cost is saved)
 
 
+def _check_runnable(q: Tensor) -> None:
+    _kernels()                                  # (raises when Triton is missing)
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError(f"the fused kernel runs on CUDA tensors, got {q.device} (use backend='sdpa')")
+
+
 def _make_spec(rm: RankMask | None, counts: Tensor | None, offset: int | None, entropy: bool, sm_scale: float,
-               min_n: float, base: float, q: Tensor, Lk: int) -> _Spec:
+               min_n: float, base: float, q: Tensor, Lk: int, keep: bool = True) -> _Spec:
+    """The launch spec; ``keep=False`` (while torch.compile traces): nothing read from or kept on the mask object
+    or in module caches."""
     B, _, Lq, _ = q.shape
     qr = kr = qg = kg = None
     if rm is not None:
-        qr, kr, qg, kg = _prepared(rm, q.device)
+        qr, kr, qg, kg = _prepared(rm, q.device) if keep else _int32_vectors(rm, q.device)
     has_rank = qr is not None or kr is not None
     if has_rank and qr is None:     # "above every visible key"
         qr = torch.full((1, 1), _RANK_MAX - 1, dtype=torch.int32, device=q.device)
     if has_rank and kr is None:
         kr = torch.zeros((1, Lk), dtype=torch.int32, device=q.device)
     has_counts = entropy and counts is not None
-    none = _placeholder(q.device)       # (a pointer the kernel never reads; not q: the spec is kept between calls)
+    # (a pointer the kernel never reads; not q: the spec is kept between calls)
+    none = _placeholder(q.device) if keep else torch.zeros(1, dtype=torch.int32, device=q.device)
     return _Spec(
         qr=qr.expand(B, Lq) if has_rank else none, kr=kr.expand(B, Lk) if has_rank else none,
         qg=qg.expand(B, Lq) if qg is not None else none, kg=kg.expand(B, Lk) if kg is not None else none,
@@ -337,6 +362,39 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mult: Tensor | None, spec: _Spec) 
     return o, lse, cb
 
 
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, cb: Tensor, mult: Tensor | None,
+              spec: _Spec, want_c: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Launch the two backward kernels: (dq, dk, dv, d loss / d c_i per row or None)."""
+    kern = _kernels()
+    B, H, Lq, D = q.shape
+    Lk, DV = k.shape[2], v.shape[3]
+    delta = (o.float() * do.float()).sum(-1).contiguous()          # D_i = dO_i . O_i
+    dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, Lk, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H, Lk, DV), dtype=v.dtype, device=v.device)
+    dc = torch.empty_like(lse) if want_c else None
+    BM, BN, warps, stages = _config("bwd", max(D, DV), q.dtype == torch.float32)
+    m, m_strides = _mult_view(mult, q)
+    common = dict(IS_CAUSAL=spec.is_causal, HAS_RANK=spec.has_rank, HAS_GROUP=spec.has_group,
+                  HAS_MULT=mult is not None, **_dtype_flags(q), BLOCK_M=BM, BLOCK_N=BN,
+                  BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages)
+    sizes = (H, Lq, Lk, D, DV, spec.causal_offset)
+    kern._bwd_dkdv_kernel[(-(-Lk // BN), B * H)](
+        q, k, v, do, dk, dv, lse, cb, delta, spec.qr, spec.kr, spec.qg, spec.kg, m,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *_mask_strides(spec), *m_strides, *sizes, **common)
+    kern._bwd_dq_kernel[(-(-Lq // BM), B * H)](
+        q, k, v, do, dq, lse if dc is None else dc, lse, cb, delta, spec.qr, spec.kr, spec.qg, spec.kg, m,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        *_mask_strides(spec), *m_strides, *sizes, GRAD_C=want_c, **common)
+    return dq, dk, dv, dc
+
+
+def _mult_grad(dc: Tensor | None, cb: Tensor, mult: Tensor | None) -> Tensor | None:
+    """c_i = cb_i * mult_i, and d loss / d c_i = dc_i."""
+    return None if dc is None or mult is None else (dc * cb).sum_to_size(mult.shape).to(mult.dtype)
+
+
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mult: Tensor | None, spec: _Spec) -> Tensor:
@@ -348,36 +406,74 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, do: Tensor) -> tuple[Tensor | None, ...]:
-        kern = _kernels()
         q, k, v, o, lse, cb, *rest = ctx.saved_tensors
         mult = rest[0] if rest else None
-        spec: _Spec = ctx.spec
-        B, H, Lq, D = q.shape
-        Lk, DV = k.shape[2], v.shape[3]
-        delta = (o.float() * do.float()).sum(-1).contiguous()          # D_i = dO_i . O_i
-        dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
-        dk = torch.empty((B, H, Lk, D), dtype=k.dtype, device=k.device)
-        dv = torch.empty((B, H, Lk, DV), dtype=v.dtype, device=v.device)
         want_c = mult is not None and ctx.needs_input_grad[3]
-        dc = torch.empty_like(lse) if want_c else lse
-        BM, BN, warps, stages = _config("bwd", max(D, DV), q.dtype == torch.float32)
-        m, m_strides = _mult_view(mult, q)
-        common = dict(IS_CAUSAL=spec.is_causal, HAS_RANK=spec.has_rank, HAS_GROUP=spec.has_group,
-                      HAS_MULT=mult is not None, **_dtype_flags(q), BLOCK_M=BM, BLOCK_N=BN,
-                      BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages)
-        sizes = (H, Lq, Lk, D, DV, spec.causal_offset)
-        kern._bwd_dkdv_kernel[(-(-Lk // BN), B * H)](
-            q, k, v, do, dk, dv, lse, cb, delta, spec.qr, spec.kr, spec.qg, spec.kg, m,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            *_mask_strides(spec), *m_strides, *sizes, **common)
-        kern._bwd_dq_kernel[(-(-Lq // BM), B * H)](
-            q, k, v, do, dq, dc, lse, cb, delta, spec.qr, spec.kr, spec.qg, spec.kg, m,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            *_mask_strides(spec), *m_strides, *sizes, GRAD_C=want_c, **common)
-        dmult = None
-        if want_c:                     # c_i = cb_i * mult_i, and d loss / d c_i = dc_i
-            dmult = (dc * cb).sum_to_size(mult.shape).to(mult.dtype)
-        return dq, dk, dv, dmult, None
+        dq, dk, dv, dc = _backward(do, q, k, v, o, lse, cb, mult, ctx.spec, want_c)
+        return dq, dk, dv, _mult_grad(dc, cb, mult), None
+
+
+# ---- torch.compile: the launches as custom ops (opaque to the compiler, so the graph has no break at the kernel;
+# CUDA graphs can replay them). Defining them imports no Triton: their bodies launch the kernels when they run.
+def _spec_numbers(spec: _Spec) -> tuple[list[int], list[float]]:
+    return ([int(spec.has_rank), int(spec.has_group), int(spec.has_counts), int(spec.is_causal), spec.causal_offset,
+             int(spec.entropy)], [spec.sm_scale, spec.inv_log2_base, spec.min_n])
+
+
+def _spec_of(qr: Tensor, kr: Tensor, qg: Tensor, kg: Tensor, counts: Tensor, flags: list[int],
+             nums: list[float]) -> _Spec:
+    return _Spec(qr=qr, kr=kr, qg=qg, kg=kg, counts=counts, has_rank=bool(flags[0]), has_group=bool(flags[1]),
+                 has_counts=bool(flags[2]), is_causal=bool(flags[3]), causal_offset=int(flags[4]),
+                 entropy=bool(flags[5]), sm_scale=nums[0], inv_log2_base=nums[1], min_n=nums[2])
+
+
+@torch.library.custom_op("kexue::fused_attention_fwd", mutates_args=())
+def _fwd_op(q: Tensor, k: Tensor, v: Tensor, qr: Tensor, kr: Tensor, qg: Tensor, kg: Tensor, counts: Tensor,
+            mult: Tensor | None, flags: list[int], nums: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, log2-sum-exp per row, base scale per row): the forward kernel."""
+    _check_runnable(q)
+    return _forward(q, k, v, mult, _spec_of(qr, kr, qg, kg, counts, flags, nums))
+
+
+@_fwd_op.register_fake
+def _(q, k, v, qr, kr, qg, kg, counts, mult, flags, nums):
+    B, H, Lq, _ = q.shape
+    lse = q.new_empty((B, H, Lq), dtype=torch.float32)
+    return q.new_empty((B, H, Lq, v.shape[-1])), lse, torch.empty_like(lse)
+
+
+@torch.library.custom_op("kexue::fused_attention_bwd", mutates_args=())
+def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, cb: Tensor, qr: Tensor, kr: Tensor,
+            qg: Tensor, kg: Tensor, counts: Tensor, mult: Tensor | None, flags: list[int], nums: list[float],
+            want_c: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d loss / d c_i per row -- empty unless ``want_c``): the two backward kernels."""
+    spec = _spec_of(qr, kr, qg, kg, counts, flags, nums)
+    dq, dk, dv, dc = _backward(do.contiguous(), q, k, v, o, lse, cb, mult, spec, want_c)
+    return dq, dk, dv, dc if dc is not None else lse.new_empty(0)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, cb, qr, kr, qg, kg, counts, mult, flags, nums, want_c):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(lse) if want_c else lse.new_empty(0))
+
+
+def _op_setup(ctx, inputs, output):
+    q, k, v, qr, kr, qg, kg, counts, mult, flags, nums = inputs
+    o, lse, cb = output
+    ctx.save_for_backward(q, k, v, o, lse, cb, qr, kr, qg, kg, counts, mult)
+    ctx.flags, ctx.nums = flags, nums
+    ctx.mark_non_differentiable(lse, cb)
+
+
+def _op_backward(ctx, do, _dlse, _dcb):
+    q, k, v, o, lse, cb, qr, kr, qg, kg, counts, mult = ctx.saved_tensors
+    want_c = mult is not None and ctx.needs_input_grad[8]
+    dq, dk, dv, dc = _bwd_op(do, q, k, v, o, lse, cb, qr, kr, qg, kg, counts, mult, ctx.flags, ctx.nums, want_c)
+    return dq, dk, dv, None, None, None, None, None, _mult_grad(dc if want_c else None, cb, mult), None, None
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def _pow2(n: int) -> int:

@@ -55,7 +55,8 @@ def _check_binary(name: str, value: object) -> Tensor:
     if t.dim() not in (1, 2):
         raise ValueError(f"{name} must have shape [L] or [B, L], got shape {tuple(t.shape)}")
     t = t.long()
-    if t.numel() and not bool(((t == 0) | (t == 1)).all()):
+    # (not while torch.compile traces: a data-dependent check would split the graph)
+    if t.numel() and not _tracing() and not bool(((t == 0) | (t == 1)).all()):
         bad = t[(t != 0) & (t != 1)][0].item()
         raise ValueError(f"{name} must contain only 0 and 1, found {bad}")
     return t if t.dim() == 2 else t.unsqueeze(0)

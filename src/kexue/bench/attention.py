@@ -22,8 +22,9 @@
 4. On a GPU: ``attention(..., backend="fused")``, the Triton kernel that works out the UniLM mask from the
    builder's :class:`~kexue.attention.RankMask` and the entropy scale inside the kernel, against the same SDPA
    calls (causal and a new UniLM mask per call; forward+backward at L <= 2048, 512 with ``--quick``), the kernel
-   with the standard scale against SDPA (report only), and each side's peak extra memory for one UniLM call.
-   Not on a CPU: there the kernels only run in Triton's interpreter (for the tests).
+   with the standard scale against SDPA (report only), each side's peak extra memory for one UniLM call; in
+   the ``compiled`` row group, the kernel inside a compiled graph against compiled SDPA, and the compiled model
+   on each backend. Not on a CPU: there the kernels only run in Triton's interpreter (for the tests).
 
 Every entropy row first checks our output against SDPA on an explicitly pre-scaled q (max abs difference in
 ``extra``). Shapes: on a CPU B=1, H=2, D=64, fp32 -- few heads, so the per-call costs that do not scale with the
@@ -51,7 +52,15 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from kexue.attention import attention, fused_available, render_mask, to_block_mask, unilm, unilm_mask
+from kexue.attention import (
+    RankMask,
+    attention,
+    fused_available,
+    render_mask,
+    to_block_mask,
+    unilm,
+    unilm_mask,
+)
 from kexue.bench.base import BenchOptions, BenchRow, compare, register_bench
 
 TARGET = "<= 1.05x SDPA time (speedup >= 0.95)"
@@ -177,6 +186,8 @@ def _rows_for_length(L: int, opts: BenchOptions) -> Iterator[BenchRow]:
     # counts, the float mask and the q multiplier), and the compiled model
     if small and opts.wants("compiled"):
         yield from _compiled_rows(L, q, k, v, seg, opts, tk)
+        if str(dev).startswith("cuda") and fused_available(dev):
+            yield from _fused_compiled_rows(L, q, k, v, seg, opts, tk)
 
     # ---- FlexAttention BlockMask vs dense bool mask (eager flex materialises the scores: small L only)
     if small and opts.wants("flex"):
@@ -274,6 +285,32 @@ def _fused_rows(L: int, q, k, v, seg, next_mask: Callable[[str], torch.Tensor], 
                            (qg, kg, vg)))
 
 
+def _fused_compiled_rows(L: int, q, k, v, seg, opts: BenchOptions, tk: dict) -> Iterator[BenchRow]:
+    """The fused kernel inside a compiled graph (the custom op ``kexue::fused_attention_fwd``; no graph break)
+    against compiled SDPA: causal, and UniLM with a new RankMask per call (SDPA: a new bool mask), and the
+    compiled 4-layer model on each backend."""
+    dev = opts.device
+    next_rank, next_dense = _in_turn([RankMask.unilm(seg), RankMask.unilm(seg)]), _in_turn([unilm_mask(seg),
+                                                                                           unilm_mask(seg)])
+    cases = [
+        (f"causal L={L} fwd", "compiled fused(entropy)", "compiled SDPA is_causal",
+         lambda q, k, v: attention(q, k, v, is_causal=True, scale="entropy", backend="fused"),
+         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), None),
+        (f"unilm mask L={L} fwd", "compiled fused(entropy) new RankMask", "compiled SDPA bool mask",
+         lambda q, k, v, m: attention(q, k, v, m, scale="entropy", backend="fused"),
+         lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+         lambda side: next_rank(side) if side == "ours" else next_dense(side)),
+    ]
+    for case, ours_name, peer_name, ours_fn, peer_fn, masks in cases:
+        try:
+            timing, compile_s = _compile_and_compare(ours_fn, peer_fn, (q, k, v), masks, dev, tk)
+            yield BenchRow.of(case, ours_name, peer_name, timing, TARGET, {"compile_s": compile_s})
+        except Exception as exc:  # report, never fake
+            yield BenchRow(case, ours_name, peer_name, float("nan"), None, TARGET,
+                           {"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    yield _model_row(L, seg, opts, tk, compiled=True, backend="fused")
+
+
 def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict, compiled: bool = False,
                backend: str = "sdpa") -> BenchRow:
     """A 4-layer Transformer (dim 128, 2 heads) forward on a fresh UniLM mask per call, Attention-E vs -O: the
@@ -295,9 +332,13 @@ def _model_row(L: int, seg: torch.Tensor, opts: BenchOptions, tk: dict, compiled
         prefix, peer_name = f"{backend} ", "Transformer(scale='standard') on SDPA"
 
     def fwd(scale: str) -> Callable[[], torch.Tensor]:
+        # (a compiled model on the fused kernel takes a RankMask: a builder's mask carries its structure as Python
+        # state, which a trace cannot read)
+        build = RankMask.unilm if compiled and backend == "fused" and scale == "entropy" else unilm_mask
+
         def call() -> torch.Tensor:
             with torch.no_grad():
-                return models[scale](ids, mask=unilm_mask(seg)).logits
+                return models[scale](ids, mask=build(seg)).logits
         return call
 
     if compiled:
