@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -513,6 +515,55 @@ def test_attention_traces_as_one_graph_and_matches_eager(monkeypatch, mask_name,
         torch.testing.assert_close(a, c, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("mask_name,is_causal", [("none", True), ("none", False), ("unilm_pad", False),
+                                                  ("additive", True)])
+def test_traced_entropy_multiplier_is_one_lookup_per_row_on_a_cpu(mask_name, is_causal):
+    """While torch.compile traces ``scale="entropy"`` on a CPU, log n comes from the opaque table-lookup op
+    (``kexue::logn_multiplier``, one value per row), not from a ``log`` in the graph: written as plain ops, the
+    compiler inlined the float64 log into the q multiply and ran it per element of q (2x the multiply's time
+    at B = 8, H = 12, L = 512). The values equal the eager call."""
+    B, H, L, D = 2, 2, 9, 4
+    g = torch.Generator().manual_seed(16)
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    mask = _masks(B, L)[mask_name]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def fn(q, k, v):
+        return attention(q, k, v, mask, scale="entropy", is_causal=is_causal)
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend=backend, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(got, fn(q, k, v), **TOL[torch.float32])
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    if mask_name == "none" and not is_causal:
+        assert not any("logn" in t or "log" == t.rsplit(".", 1)[-1] for t in targets), targets   # a scalar scale
+        return
+    assert sum("logn_multiplier" in t for t in targets) == 1, targets
+    assert not any(t.rsplit(".", 1)[-1].rstrip(">'") in ("log", "log2", "log1p") for t in targets), targets
+
+
+def test_the_traced_cpu_ops_pass_opcheck():
+    """Schema and fake (meta) kernels of the opaque ops a CPU trace calls, checked by torch.library.opcheck, and
+    the multiplier op's values: log_base(max(n, min_n)) in the requested dtype."""
+    g = torch.Generator().manual_seed(17)
+    m = torch.rand(2, 1, 5, 7, generator=g) > 0.4
+    counts = torch.tensor([[0, 1, 16, 17, 64, 512, 700]])
+    ops = torch.ops.kexue
+    for op, args in ((ops.row_counts.default, (m,)), (ops.to_additive.default, (m, torch.float32)),
+                     (ops.to_additive_counted.default, (m, torch.bfloat16)),
+                     (ops.logn_multiplier.default, (counts, 700, 16.0, 512.0, torch.float32))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        got = ops.logn_multiplier(counts, 700, 16.0, 512.0, dtype)
+        want = (torch.log(counts.double().clamp_min(16)) / math.log(512)).to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want), dtype
+    assert ops.logn_multiplier(counts, 700, 16.0, 512.0, torch.float32)[0, 5] == 1.0    # n = 512: exactly 1
+
+
 @pytest.mark.parametrize("policy", ["kernel zeroes empty rows", "guard"])
 def test_compiled_attention_zeroes_fully_masked_rows(monkeypatch, policy):
     """Rows with no visible key output 0 with zero gradients: from the kernel (the CPU's policy), or, for a
@@ -588,6 +639,7 @@ def test_a_transformer_prepares_its_mask_once_per_forward(monkeypatch, scale):
     is kept between calls. Counted by calls of the CPU kernels; the logits, gradients and entropies equal a
     copy of the model whose attention objects are not plain SoftmaxAttention (so it gets the bare mask)."""
     import kexue.attention.masks as masks_mod
+    from kexue.attention import core
     from kexue.nn import SoftmaxAttention, Transformer
 
     class Other(SoftmaxAttention):       # same computation, but its own forward: it gets the bare mask
@@ -606,20 +658,22 @@ def test_a_transformer_prepares_its_mask_once_per_forward(monkeypatch, scale):
     seg = (torch.arange(12) >= torch.tensor([[4], [7]])).long()
     mask = unilm_mask(seg, (torch.arange(12) < torch.tensor([[12], [10]])).long()).clone()   # no counts
 
-    calls = {"n": 0}
-    for name in ("_additive_counted", "_additive"):
-        real = getattr(masks_mod, name)
+    calls = {"n": 0, "mult": 0}
+    for mod, name, key in ((masks_mod, "_additive_counted", "n"), (masks_mod, "_additive", "n"),
+                           (core, "_logn_lookup", "mult")):    # (the last: the log n multiplier, "entropy")
+        real = getattr(mod, name)
 
-        def counted(*a, _real=real):
-            calls["n"] += 1
+        def counted(*a, _real=real, _key=key):
+            calls[_key] += 1
             return _real(*a)
-        monkeypatch.setattr(masks_mod, name, counted)
+        monkeypatch.setattr(mod, name, counted)
     with torch.no_grad():
         for m, want in ((model, 1), (other, 3)):
             compiled = _compiled(m)
-            calls["n"] = 0
+            calls["n"] = calls["mult"] = 0
             compiled(ids, mask=mask)
             assert calls["n"] == want, (m is model, calls["n"])
+            assert calls["mult"] == (want if scale == "entropy" else 0), (m is model, calls["mult"])
         torch.testing.assert_close(_compiled(model)(ids, mask=mask).logits, other(ids, mask=mask).logits)
     outs = []
     for m in (model, other):
