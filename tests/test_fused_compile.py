@@ -35,18 +35,20 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 
 
 @pytest.mark.slow
-def test_every_launch_setting_compiles_for_sm80_and_sm90(tmp_path):
+@pytest.mark.parametrize("cap", [90, 80])        # (one test per GPU generation: pytest-xdist runs them side by side)
+def test_every_launch_setting_compiles_for_the_gpu_generation(tmp_path, cap):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     script = Path(__file__).with_name("fused_compile_check.py")
-    proc = subprocess.run([sys.executable, str(script), "90", "80"], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, str(script), str(cap)], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert rows and all(r["cap"] == cap for r in rows), proc.stderr[-3000:]
     # each setting with features on and off (bf16 / fp16 for half) for contiguous tensors, and on sm_90 also with
     # the features on for any strides; the backward as 2 kernels
     kernels = sum(1 if k[0] == "fwd" else 2 for k in _GPU_CONFIGS)
-    assert len(rows) == (3 + 2) * kernels, proc.stderr[-3000:]
+    assert len(rows) == (3 if cap == 90 else 2) * kernels, proc.stderr[-3000:]
     failed = [r for r in rows if not r["ok"]]
     assert not failed, "\n\n".join(f"{r['kernel']} {r['key']} {r['dtype']} sm_{r['cap']}:\n{r.get('error')}"
                                    for r in failed)
@@ -55,7 +57,7 @@ def test_every_launch_setting_compiles_for_sm80_and_sm90(tmp_path):
     # the settings were chosen so that nothing spills registers on sm_90 (Triton 3.9, features on and off,
     # contiguous and strided)
     measured = [r for r in rows if r["cap"] == 90 and r["spill_bytes"] is not None]
-    assert measured, "ptxas -v could not read the PTX: no register report"
+    assert measured or cap != 90, "ptxas -v could not read the PTX: no register report"
     spilled = [(r["kernel"], r["key"], r["dtype"], r["contiguous"], r["spill_bytes"]) for r in measured
                if r["spill_bytes"]]
     assert not spilled, f"register spills on sm_90: {spilled}"
