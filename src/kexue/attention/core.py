@@ -111,9 +111,8 @@ def _check_common(scale: ScaleArg, min_n: float, base: float, dropout_p: float, 
 def _causal_logn_table(Lq: int, Lk: int, is_causal: bool, min_n: float, base: float, dtype: torch.dtype,
                        device: torch.device) -> Tensor:
     """``[Q, 1]`` multipliers ``log_base(max(n_i, min_n))`` with ``n_i = min(i + 1, K)`` (causal) or ``K``."""
-    n = torch.arange(1, Lq + 1, dtype=torch.float64).clamp_max(Lk) if is_causal else \
-        torch.full((Lq,), float(Lk), dtype=torch.float64)
-    return (torch.log(n.clamp_min(min_n)) / math.log(base)).to(dtype=dtype, device=device).unsqueeze(-1)
+    n = _causal_counts(Lq, Lk, is_causal, torch.device("cpu"))
+    return _logn_of_counts(n, base, min_n).to(dtype=dtype, device=device).unsqueeze(-1)
 
 
 def _causal_counts(Lq: int, Lk: int, is_causal: bool, device: torch.device) -> Tensor:
@@ -233,8 +232,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
             # every row sees all K keys: the entropy scale is one number, SDPA takes it as is
             mult, s = None, math.log(max(Lk, min_n)) / math.log(base) / math.sqrt(D)
         elif isinstance(scale, str) and scale == "entropy":
-            # n_i depends only on (Q, K, is_causal): a cached [Q, 1] table, no per-call work (made in the graph
-            # while torch.compile traces)
+            # n_i depends only on (Q, K, is_causal): a cached [Q, 1] table, no per-call work (in a trace: made
+            # per call, see _traced_logn_multiplier)
             if not tracing:
                 mult = _causal_logn_table(Lq, Lk, is_causal, float(min_n), float(base), q.dtype, q.device)
             else:
@@ -244,8 +243,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
         else:
             counts = None
             if counts_needed:
-                i = torch.arange(Lq, device=q.device)
-                counts = (i + 1).clamp_max(Lk) if is_causal else torch.full((Lq,), Lk, device=q.device)
+                counts = _causal_counts(Lq, Lk, is_causal, q.device)
             mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
         qs = q if mult is None else q * mult
         return F.scaled_dot_product_attention(qs, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=s)
