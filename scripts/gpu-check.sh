@@ -6,8 +6,10 @@
 #   2. the fused Triton kernel's tests on the compiled kernels (tests/test_fused.py: outputs and gradients against
 #      the reference, every mask, fp32/fp16/bf16, GPU-sized shapes);
 #   3. the CUDA tests (-m cuda);
-#   4. the bench's compiled (the fused kernel inside a compiled graph too), model and backward rows.
-# Each step has its own time limit so one hang cannot eat the session; the logs go to $OUT (the device tool's
+#   4. the bench's compiled (the fused kernel inside a compiled graph too), model and backward rows;
+#   5. what the log n multiplier costs in a compiled graph on the GPU (scripts/traced-logn-multiplier.py): the
+#      float64 formula attention() traces to there, against a float32 log2 and the opaque table lookup.
+# Each step has its own time limit, cut to what is left of 570 s in all, so one hang cannot eat the session; the logs go to $OUT (the device tool's
 # folder that comes back) or ./gpu-check. Uses the machine's own torch and triton (no install: src/ on the path).
 # Run from the repository root:  bash scripts/gpu-check.sh
 set -uo pipefail
@@ -20,9 +22,12 @@ py=${PYTHON:-python3}
   $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/machine.txt"
 
+deadline=570   # seconds since the script started (bash SECONDS)
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
+  local t0=$SECONDS left=$((deadline - SECONDS))
+  if [ "$left" -le 5 ]; then echo "== $name: skipped, no time left"; return; fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
@@ -36,3 +41,4 @@ step fused-tests 160 $py -m pytest -q -x tests/test_fused.py -p no:cacheprovider
 step cuda-tests 110 $py -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
 step bench-rest 130 $py -m kexue.cli bench attention --quick --device cuda --only compiled,model,backward \
   --json "$out/bench-rest.json"
+step logn-multiplier 90 $py scripts/traced-logn-multiplier.py --device cuda
