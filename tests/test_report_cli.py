@@ -62,10 +62,38 @@ def test_report_is_written_and_replaced_atomically(fake_studies, tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["results"][0]["verdict"] == "holds" and data["results"][0]["figures"][0]["file"] == "fake_line.png"
     assert (out / "figures" / "fake_line.png").is_file()
-    (out / "stale.txt").write_text("from the previous run")
+    (out / "figures" / "stale.png").write_text("from the previous run")
     write_report([Result("y", "Y", "a", "c", "does not hold", "d")], out, {"mode": "full"})
-    assert not (out / "stale.txt").exists() and "Y" in (out / "results.md").read_text()
+    assert not (out / "figures" / "stale.png").exists() and "Y" in (out / "results.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary folders left
+
+
+@pytest.mark.parametrize("kind", ["foreign file", "folder without results.json", "a file"])
+def test_a_report_never_replaces_what_is_not_a_report(fake_studies, tmp_path, capsys, kind):
+    """The report folder is replaced whole, so anything but a new folder, an empty one or an earlier report is
+    refused before the studies run, and left as it was."""
+    out = tmp_path / "target"
+    if kind == "a file":
+        out.write_text("keep me")
+    else:
+        (out / "figures").mkdir(parents=True)
+        (out / ("notes.txt" if kind == "foreign file" else "index.html")).write_text("keep me")
+        if kind == "foreign file":
+            (out / "results.json").write_text("{}")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="out_dir"):
+        ReportBuilder(out)
+    assert cli.main(["reproduce", "fake-ok", "--out", str(out), "--no-progress"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before      # nothing moved, nothing left beside it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["reproduce", "fake-ok", "--out", str(empty), "--no-progress"]) == 0
+    assert (empty / "results.json").is_file()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    assert cli.main(["reproduce", "fake-ok", "--out", str(blocker / "sub"), "--no-progress"]) == 2
+    assert "cannot write there" in capsys.readouterr().err
 
 
 def test_cli_reproduce_and_failure_reporting(fake_studies, tmp_path, capsys):
@@ -115,7 +143,7 @@ def test_cli_bench_prints_each_row_as_it_is_measured(monkeypatch, tmp_path, caps
 
 
 def test_cli_bench_only_passes_the_row_groups(monkeypatch, capsys):
-    from kexue.bench import BENCHES, BenchRow
+    from kexue.bench import BENCH_GROUPS, BENCHES, BenchRow
 
     seen = []
 
@@ -124,9 +152,23 @@ def test_cli_bench_only_passes_the_row_groups(monkeypatch, capsys):
         yield BenchRow("case", "ours", "peer", 0.001, 0.001, "report only")
 
     monkeypatch.setitem(BENCHES, "fake-groups", fake)
+    monkeypatch.setitem(BENCH_GROUPS, "fake-groups", ("eager", "fused", "flex"))
     cli.main(["bench", "fake-groups", "--only", "fused,eager"])
     cli.main(["bench", "fake-groups"])
     assert seen == [(("fused", "eager"), True, False), (None, True, True)]
+    capsys.readouterr()
+    assert cli.main(["bench", "fake-groups", "--only", "fused,nosuch"]) == 2    # before anything runs
+    assert cli.main(["bench", "fake-groups", "--only", ","]) == 2
+    assert len(seen) == 2 and "unknown row group nosuch" in capsys.readouterr().err
+
+
+def test_cli_device_is_checked_before_anything_runs(fake_studies, tmp_path):
+    for bad in ("banana", "cuda:x", "meta"):
+        with pytest.raises(SystemExit, match="--device"):
+            cli.main(["reproduce", "fake-ok", "--out", str(tmp_path / "r"), "--device", bad])
+        with pytest.raises(SystemExit, match="--device"):
+            cli.main(["bench", "linalg", "--device", bad])
+    assert not (tmp_path / "r").exists()
 
 
 def test_register_study_decorator(fake_studies):

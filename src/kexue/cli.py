@@ -28,8 +28,17 @@ def _resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"kexue: --device {name} asked for, but torch sees no CUDA device")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"kexue: --device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"kexue: --device {name} asked for, but torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SystemExit(f"kexue: --device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 
@@ -83,7 +92,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     mode = "full" if args.full else "quick"
     device = _resolve_device(args.device)
     torch.manual_seed(args.seed)
-    builder = ReportBuilder(args.out)
+    try:
+        builder = ReportBuilder(args.out)
+    except ValueError as exc:
+        print(f"kexue: --out: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"kexue: --out {args.out}: cannot write there ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     runs_dir = None
     if not args.no_resume and (args.full or args.runs_dir):
         from .data.registry import cache_dir
@@ -136,7 +152,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchOptions, format_header, format_row, load_all
+    from .bench import BENCH_GROUPS, BenchOptions, format_header, format_row, load_all
 
     benches = load_all()
     names = args.names or sorted(benches)
@@ -145,8 +161,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"kexue: unknown benchmark {', '.join(unknown)}; known: {', '.join(sorted(benches))}",
               file=sys.stderr)
         return 2
-    opts = BenchOptions(device=_resolve_device(args.device), quick=args.quick,
-                        only=tuple(args.only.split(",")) if args.only else None)
+    only = None
+    if args.only is not None:
+        only = tuple(g.strip() for g in args.only.split(",") if g.strip())
+        known = sorted({g for n in names for g in BENCH_GROUPS.get(n, ())})
+        bad = [g for g in only if g not in known] if only else ["(none given)"]
+        if bad:
+            print(f"kexue: --only: unknown row group {', '.join(bad)} for {', '.join(names)}; known: "
+                  f"{', '.join(known) or '(these benchmarks have no row groups)'}", file=sys.stderr)
+            return 2
+    opts = BenchOptions(device=_resolve_device(args.device), quick=args.quick, only=only)
     print(f"machine: {_machine()}")
     out = {}
     for name in names:
@@ -185,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="small, fast configuration (the default)")
     g.add_argument("--full", action="store_true", help="the full configuration (see `kexue list` for times)")
     pr.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $KEXUE_DATA_DIR)")
-    pr.add_argument("--out", default="report", help="report folder, replaced atomically (default: report)")
+    pr.add_argument("--out", default="report", help="report folder, replaced atomically; must be new, empty or an "
+                                                    "earlier report (default: report)")
     pr.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
     pr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     pr.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -142,8 +142,28 @@ def render_html(results: Sequence[Result], meta: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+_REPORT_FILES = frozenset({"figures", "index.html", "results.json", "results.md"})
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Raise ValueError unless ``out_dir`` is absent, an empty folder or an earlier report (only the files a
+    report holds, and its ``results.json``): replacing it must never delete anything else."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a folder; give a new folder or an earlier report")
+    names = {p.name for p in out_dir.iterdir()}
+    if names and (not names <= _REPORT_FILES or "results.json" not in names):
+        extra = sorted(names - _REPORT_FILES)[:5] or ["(no results.json)"]
+        raise ValueError(f"out_dir {str(out_dir)!r} holds files that are not a kexue report "
+                         f"({', '.join(extra)}); it would be replaced whole, so give a new folder or an earlier "
+                         "report")
+
+
 class ReportBuilder:
     """Builds a report in a temporary folder beside ``out_dir``; :meth:`commit` swaps it into place.
+
+    ``out_dir`` must be absent, empty or an earlier report (ValueError otherwise), since it is replaced whole.
 
     >>> import tempfile, pathlib
     >>> from kexue.studies import Result
@@ -158,6 +178,7 @@ class ReportBuilder:
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
         self.out_dir = Path(out_dir).resolve()
+        _check_replaceable(self.out_dir)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp",
                                              dir=self.out_dir.parent))
@@ -171,6 +192,7 @@ class ReportBuilder:
         (self.tmp_dir / "results.md").write_text(render_markdown(results, meta))
         (self.tmp_dir / "index.html").write_text(render_html(results, meta))
         old = None
+        _check_replaceable(self.out_dir)    # (again: something may have been put there while the studies ran)
         if self.out_dir.exists():
             old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}-{int(time.time() * 1e6)}"
             os.replace(self.out_dir, old)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .._checks import import_modules
 from .base import (
+    BENCH_GROUPS,
     BENCHES,
     BenchOptions,
     BenchRow,
@@ -24,5 +25,5 @@ def load_all() -> dict:
     return BENCHES
 
 
-__all__ = ["BENCHES", "BenchOptions", "BenchRow", "compare", "format_header", "format_row", "format_rows", "load_all",
-           "register_bench", "time_call"]
+__all__ = ["BENCH_GROUPS", "BENCHES", "BenchOptions", "BenchRow", "compare", "format_header", "format_row",
+           "format_rows", "load_all", "register_bench", "time_call"]

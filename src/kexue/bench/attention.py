@@ -124,7 +124,7 @@ def _in_turn(masks: list[torch.Tensor]) -> Callable[[str], torch.Tensor]:
     return next_mask
 
 
-@register_bench("attention")
+@register_bench("attention", groups=("eager", "fused", "control", "model", "backward", "compiled", "flex"))
 def run(opts: BenchOptions) -> Iterator[BenchRow]:
     for L in (512, 2048) if opts.quick else (512, 2048, 8192):
         yield from _rows_for_length(L, opts)

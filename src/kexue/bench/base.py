@@ -190,12 +190,17 @@ def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> int | None:
 BENCHES: dict[str, Callable[[BenchOptions], list[BenchRow]]] = {}
 
 
-def register_bench(name: str) -> Callable:
+BENCH_GROUPS: dict[str, tuple[str, ...]] = {}
+
+
+def register_bench(name: str, groups: Iterable[str] = ()) -> Callable:
     """Decorator registering ``run(opts)`` as benchmark ``name``: it returns its rows as a list, or yields them
-    one by one (``kexue bench`` then prints each row as soon as it is measured)."""
+    one by one (``kexue bench`` then prints each row as soon as it is measured). ``groups``: the row groups
+    it asks :meth:`BenchOptions.wants` about (what ``kexue bench --only`` may name)."""
 
     def deco(fn: Callable[[BenchOptions], Iterable[BenchRow]]) -> Callable[[BenchOptions], Iterable[BenchRow]]:
         BENCHES[name] = fn
+        BENCH_GROUPS[name] = tuple(groups)
         return fn
 
     return deco
