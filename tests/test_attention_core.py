@@ -727,3 +727,91 @@ def test_a_learnt_float_mask_gets_its_gradient_on_every_call(is_causal, dtype):
         bias.grad = None
         attention_reference(q, q, q, bias, is_causal=is_causal, scale="entropy").square().sum().backward()
         torch.testing.assert_close(got, bias.grad, **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------- regressions found by the twelfth session's audit
+@pytest.mark.parametrize("kind", ["no_mask", "builder_mask", "rank_mask", "user_mask"])
+def test_a_call_in_inference_mode_leaves_nothing_that_breaks_training(kind):
+    """What attention() keeps between calls (the causal log n table, the converted mask, its counts and
+    multiplier, a RankMask's dense form) must not be inference tensors: a later call with grad saves them."""
+    from kexue.attention import RankMask
+    from kexue.attention.core import _causal_logn_table, _clear_mask_stats_cache
+
+    _causal_logn_table.cache_clear()
+    _clear_mask_stats_cache()
+    L = 9                                # a length no other test uses, so the tables are made here
+    mask = {"no_mask": None, "builder_mask": causal_mask(L), "rank_mask": RankMask.causal(L),
+            "user_mask": torch.ones(L, L, dtype=torch.bool).tril()}[kind]
+    q = torch.randn(1, 2, L, 4, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        attention(q, q, q, mask, scale="entropy", is_causal=mask is None)
+    qg = q.clone().requires_grad_()
+    out = attention(qg, q, q, mask, scale="entropy", is_causal=mask is None)
+    out.sum().backward()
+    ref = attention_reference(q.clone().requires_grad_(), q, q, mask, scale="entropy", is_causal=mask is None)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("builder", ["causal", "padding", "unilm"])
+def test_a_builder_mask_broadcast_over_the_keys_counts_every_key(builder):
+    """A one-key builder mask used with K keys (its key dim broadcasts): each row sees K keys, not the one the
+    builder counted."""
+    mask = {"causal": lambda: causal_mask(1), "padding": lambda: padding_mask(torch.tensor([[1]])),
+            "unilm": lambda: unilm_mask(torch.tensor([0]))}[builder]()
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 1, 1, 4, generator=g, dtype=torch.float64), torch.randn(1, 1, 5, 4, generator=g,
+                                                                                   dtype=torch.float64)
+    out = attention(q, k, k, mask, scale="entropy", min_n=1)
+    torch.testing.assert_close(out, attention_reference(q, k, k, mask, scale="entropy", min_n=1),
+                               **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", ["standard", "entropy"])
+def test_a_float32_hugging_face_mask_with_half_inputs_hides_no_extra_key(dtype, scale):
+    """A finite fp32 mask value beyond the half type's range (-1e5 for fp16; finfo(float32).min, the Hugging
+    Face padding value, for bf16) overflowed to -inf in the cast; the cast must saturate, so such keys still
+    count (only -inf hides a key) and a row of them is not taken for an empty row."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=g).to(dtype) for _ in range(3))
+    big = -1e5 if dtype == torch.float16 else torch.finfo(torch.float32).min
+    fm = torch.zeros(6, 6)
+    fm[:, 4:] = big                                 # two padding keys
+    fm[1] = big                                     # a row that sees only such keys
+    fm[3, 0] = float("-inf")                        # a truly hidden key
+    out = attention(q, k, v, fm, scale=scale)
+    assert out[:, :, 1].abs().amax() > 0            # not zeroed as an empty row
+    torch.testing.assert_close(out.float(), attention_reference(q, k, v, fm, scale=scale).float(),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_the_reference_casts_a_float64_mask_without_making_infinities():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 1, 4, 8, generator=g)
+    fm = torch.zeros(4, 4, dtype=torch.float64)
+    fm[1] = -1e300                                  # finite in fp64, beyond fp32's range
+    out = attention_reference(q, q, q, fm)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, attention(q, q, q, fm), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("bad", ["no", None, 1, torch.tensor(True)])
+def test_is_causal_must_be_a_bool(bad):
+    from kexue.attention import attention_entropy, keys_per_row
+
+    q = torch.randn(1, 1, 4, 4)
+    for call in (lambda: attention(q, q, q, causal_mask(4), is_causal=bad),
+                 lambda: attention(q, q, q, is_causal=bad),
+                 lambda: attention_reference(q, q, q, is_causal=bad),
+                 lambda: attention_entropy(q, q, is_causal=bad),
+                 lambda: keys_per_row(None, 4, 4, is_causal=bad)):
+        with pytest.raises(TypeError, match="is_causal"):
+            call()
+
+
+def test_q_is_checked_before_a_rank_mask_is_rendered():
+    from kexue.attention import RankMask
+
+    k = torch.randn(1, 1, 4, 4)
+    with pytest.raises(TypeError, match="q"):
+        attention(None, k, k, RankMask.causal(4))

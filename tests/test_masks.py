@@ -522,3 +522,26 @@ def test_to_additive_mask_select_path_matches_the_bit_path(monkeypatch):
     for dt, w in want.items():
         for _ in range(2):                                   # the fill values are made once and reused
             assert torch.equal(masks_mod.to_additive_mask(m, dt), w)
+
+
+@pytest.mark.parametrize("shape", ["[L]", "[1, L]"])
+def test_unilm_and_padding_predicates_from_one_row_serve_every_batch_row(shape):
+    seg, am = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([1, 1, 1, 1, 0])
+    if shape == "[1, L]":
+        seg, am = seg[None], am[None]
+    for mod, dense in ((unilm(seg), unilm_mask(seg)), (padding(am), padding_mask(am))):
+        got = render_mask(mod, 3, 2, 5, 5)
+        assert got.shape == (3, 2, 5, 5)
+        assert torch.equal(got, dense.expand(3, 2, 5, 5))
+
+
+def test_a_rank_mask_keeps_its_own_copy_of_int32_ranks():
+    from kexue.attention import RankMask, attention, attention_reference
+
+    q = torch.randn(1, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    rm = RankMask(r, r.clone())
+    before = attention(q, q, q, rm)
+    r.zero_()                                       # the caller's tensor, not the mask's
+    torch.testing.assert_close(attention(q, q, q, rm), before)
+    torch.testing.assert_close(attention(q, q, q, rm), attention_reference(q, q, q, rm))

@@ -217,3 +217,19 @@ def test_scale_tensors_and_callables_of_the_wrong_shape_are_rejected():
     with pytest.raises(ValueError, match="callable scale's result must broadcast"):
         attention(q, q, q, scale=lambda counts: torch.ones(5), is_causal=True)
     attention(q, q, q, scale=torch.ones(8, 1))                      # broadcastable shapes still work
+
+
+def test_keys_per_row_returns_a_copy_of_a_builders_counts():
+    from kexue.attention import attention, attention_reference, causal_mask
+
+    q = torch.randn(1, 1, 8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    m = causal_mask(8)
+    keys_per_row(m, 8, 8).fill_(512)                # the caller may change what it got
+    torch.testing.assert_close(attention(q, q, q, m, scale="entropy", min_n=1),
+                               attention_reference(q, q, q, m, scale="entropy", min_n=1))
+
+
+@pytest.mark.parametrize("init", [float("nan"), float("inf"), "1", True])
+def test_lognscale_init_must_be_a_finite_number(init):
+    with pytest.raises(ValueError, match="init"):
+        LogNScale(2, init=init)

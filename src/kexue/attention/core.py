@@ -39,10 +39,12 @@ from .masks import (
     _additive_counted,
     _as_allowed,
     _attached_counts,
+    _check_is_causal,
     _eager_identity,
     _mask4,
     _row_any,
     _row_counts,
+    _to_float_mask,
     _tracing,
     causal,
     render_mask,
@@ -110,9 +112,12 @@ def _check_common(scale: ScaleArg, min_n: float, base: float, dropout_p: float, 
 @functools.lru_cache(maxsize=64)
 def _causal_logn_table(Lq: int, Lk: int, is_causal: bool, min_n: float, base: float, dtype: torch.dtype,
                        device: torch.device) -> Tensor:
-    """``[Q, 1]`` multipliers ``log_base(max(n_i, min_n))`` with ``n_i = min(i + 1, K)`` (causal) or ``K``."""
-    n = _causal_counts(Lq, Lk, is_causal, torch.device("cpu"))
-    return _logn_of_counts(n, base, min_n).to(dtype=dtype, device=device).unsqueeze(-1)
+    """``[Q, 1]`` multipliers ``log_base(max(n_i, min_n))`` with ``n_i = min(i + 1, K)`` (causal) or ``K``.
+    (Made outside inference mode even when called in it: a kept inference tensor would break later training
+    calls, which cannot save it for backward.)"""
+    with torch.inference_mode(False):
+        n = _causal_counts(Lq, Lk, is_causal, torch.device("cpu"))
+        return _logn_of_counts(n, base, min_n).to(dtype=dtype, device=device).unsqueeze(-1)
 
 
 def _causal_counts(Lq: int, Lk: int, is_causal: bool, device: torch.device) -> Tensor:
@@ -200,6 +205,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
         >>> out.shape
         torch.Size([2, 4, 16, 8])
     """
+    _check_is_causal(is_causal)
     if backend != "sdpa":
         if backend != "fused":
             raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -211,9 +217,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
     memo = None
     if isinstance(mask, _MaskMemo):
         memo, mask = mask, mask.mask
-    if isinstance(mask, RankMask):          # its dense form (kept on it), with the row counts attached
-        mask = mask._dense_for(q.shape[2], q.device)
     B, H, Lq, Lk, D = _check_qkv(q, k, v)
+    if isinstance(mask, RankMask):          # its dense form (kept on it), with the row counts attached
+        mask = mask._dense_for(Lq, q.device)
     tracing = _tracing()
     _check_common(scale, min_n, base, dropout_p, tracing)
     if dropout_p > 0 and generator is not None:
@@ -326,7 +332,7 @@ def _traced_float_mask(m4: Tensor, allowed: Tensor, tri: Tensor | None, empty: T
             return torch.ops.kexue.to_additive(ok, dtype)
         return torch.where(ok, torch.zeros((), dtype=dtype, device=ok.device),
                            torch.full((), float("-inf"), dtype=dtype, device=ok.device))
-    attn_mask = m4.to(dtype)
+    attn_mask = _to_float_mask(m4, dtype)
     if tri is not None:
         attn_mask = attn_mask.masked_fill(~tri, float("-inf"))
     return attn_mask if empty is None else attn_mask.masked_fill(empty, 0.0)
@@ -388,8 +394,11 @@ def _clear_mask_stats_cache() -> None:
 def _mask_entry(mask: object, geometry: tuple) -> dict:
     """The kept entry for ``mask`` under ``geometry``: the cached one if it is still valid, else a fresh one
     (which replaces the cached one for tensors; predicates and inference tensors get a throwaway entry)."""
-    identity = _eager_identity(mask) if isinstance(mask, Tensor) else None
-    if identity is None:                # a predicate, or an inference tensor (no version counter): nothing kept
+    identity = _eager_identity(mask) if isinstance(mask, Tensor) and not torch.is_inference_mode_enabled() \
+        else None
+    # a predicate, an inference tensor (no version counter) or a call in inference mode (what it makes are
+    # inference tensors, which a later training call could not save for backward): nothing kept
+    if identity is None:
         return {"ref": None, "identity": None, "counts": None, "empty": None, "empty_known": False, "ready": {},
                 "mults": {}}
     kept = _mask_cache()
@@ -419,12 +428,13 @@ def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causa
     else:
         allowed_or_additive = m4
     if allowed_or_additive.is_floating_point():
-        allowed_or_additive = allowed_or_additive.to(dtype)
+        allowed_or_additive = _to_float_mask(allowed_or_additive, dtype)
     is_bool = allowed_or_additive.dtype == torch.bool
     fused = None                        # (float mask, counts) made in one pass, see masks._additive_counted
     if want_counts and entry["counts"] is None:
         counts = None
-        if isinstance(mask, Tensor) and not is_causal:        # the mask as its builder made it
+        if isinstance(mask, Tensor) and not is_causal and m4.shape[-1] == Lk:   # the mask as its builder made it
+            # (not one whose key dim broadcasts: a builder counted its one column, a row sees Lk keys or none)
             attached = _attached_counts(mask, entry["identity"], as_4d=True, eager=True)   # type: ignore[arg-type]
             if attached is not None:
                 counts = attached if attached.device == device else attached.to(device)
@@ -465,8 +475,10 @@ def _prepare_mask(mask: Tensor | MaskMod, m4: Tensor, Lq: int, Lk: int, is_causa
 
 @functools.lru_cache(maxsize=32)
 def _logn_lookup(k_len: int, min_n: float, base: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``[K + 1]`` table of ``log_base(max(n, min_n))`` for ``n = 0..K`` (computed in float64, stored in dtype)."""
-    return _logn_of_counts(torch.arange(k_len + 1), base, min_n).to(dtype=dtype, device=device)
+    """``[K + 1]`` table of ``log_base(max(n, min_n))`` for ``n = 0..K`` (computed in float64, stored in dtype;
+    outside inference mode, as :func:`_causal_logn_table`)."""
+    with torch.inference_mode(False):
+        return _logn_of_counts(torch.arange(k_len + 1), base, min_n).to(dtype=dtype, device=device)
 
 
 _LIB.define("logn_multiplier(Tensor counts, SymInt k_len, float min_n, float base, ScalarType dtype) -> Tensor")
@@ -488,7 +500,7 @@ def _entropy_multiplier(counts: Tensor, k_len: int, min_n: float, base: float, d
     if isinstance(mults, dict) and key in mults:
         return mults[key]
     mult = torch.take(_logn_lookup(k_len, min_n, base, dtype, counts.device), counts)
-    if isinstance(mults, dict):
+    if isinstance(mults, dict) and not torch.is_inference_mode_enabled():   # (see _mask_entry)
         mults[key] = mult
     return mult
 
@@ -573,7 +585,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod 
         if mult is not None:
             logits = logits * mult.to(cd)
     if isinstance(mask, Tensor) and mask.is_floating_point():
-        logits = logits + torch.where(allowed, mask.to(cd), torch.zeros((), dtype=cd, device=q.device))
+        logits = logits + torch.where(allowed, _to_float_mask(mask, cd), torch.zeros((), dtype=cd, device=q.device))
     logits = logits.masked_fill(~allowed, float("-inf"))
     logits = logits.masked_fill(empty, 0.0)           # keep softmax finite; the row is zeroed below
     p = torch.softmax(logits, dim=-1).masked_fill(empty, 0.0)

@@ -62,6 +62,24 @@ def _check_binary(name: str, value: object) -> Tensor:
     return t if t.dim() == 2 else t.unsqueeze(0)
 
 
+def _check_is_causal(is_causal: object) -> None:
+    """``is_causal`` must be a bool (a truthy string or None would be read as a flag without a word)."""
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+
+
+def _to_float_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An additive float mask in ``dtype`` without turning finite values into infinities: values beyond
+    ``dtype``'s range (``torch.finfo(torch.float32).min`` of a Hugging Face mask, cast to fp16 or bf16) saturate
+    at its finite limits, and only ``-inf`` stays ``-inf`` -- so the cast never hides a key the mask shows."""
+    if mask.dtype == dtype:
+        return mask
+    if torch.finfo(mask.dtype).max > torch.finfo(dtype).max:
+        lim = torch.finfo(dtype)
+        mask = torch.where(mask == float("-inf"), mask, mask.clamp(lim.min, lim.max))
+    return mask.to(dtype)
+
+
 def _check_order(name: str, order: object) -> Tensor:
     """An integer permutation of 0..L-1, shape [L] or [B, L]; returned as int64 with the same shape."""
     t = check_tensor(name, order)
@@ -370,6 +388,13 @@ def padding(attention_mask: Tensor) -> MaskMod:
         [True, True, False]
     """
     am = _check_binary("attention_mask", attention_mask).bool()
+    if am.shape[0] == 1:                # [L] or [1, L]: shared by every batch row
+        am1 = am[0]
+
+        def mod1(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return am1[kv_idx]
+
+        return mod1
 
     def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return am[b, kv_idx]
@@ -420,6 +445,13 @@ def unilm(segment_ids: Tensor) -> MaskMod:
         [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     """
     c = _check_binary("segment_ids", segment_ids).cumsum(-1)
+    if c.shape[0] == 1:                 # [L] or [1, L]: shared by every batch row
+        c1 = c[0]
+
+        def mod1(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return c1[kv_idx] <= c1[q_idx]
+
+        return mod1
 
     def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return c[b, kv_idx] <= c[b, q_idx]
@@ -544,7 +576,7 @@ def _check_ids(name: str, value: Tensor | None, upper: int) -> Tensor | None:
         raise ValueError(f"{name} must have shape [L] or [B, L], got shape {tuple(t.shape)}")
     if t.numel() and not _tracing() and not bool(((t >= 0) & (t <= upper)).all()):
         raise ValueError(f"{name} must hold integers in [0, {upper}], got range [{int(t.min())}, {int(t.max())}]")
-    t = t.to(torch.int32)
+    t = t.to(torch.int32, copy=True)    # (a copy: a change to the caller's tensor must not reach the mask)
     return t if t.dim() == 2 else t.unsqueeze(0)
 
 
@@ -678,7 +710,8 @@ class RankMask:
         if kept is None or kept[0] != key:
             if self.q_len not in (None, q_len):
                 raise ValueError(f"the mask has {self.q_len} query rows, the input {q_len}")
-            kept = (key, self.to_dense(q_len if self.q_len is None else None, device))
+            with torch.inference_mode(False):   # (a kept inference tensor would break later training calls)
+                kept = (key, self.to_dense(q_len if self.q_len is None else None, device))
             self._dense = kept
         return kept[1]
 
@@ -974,6 +1007,7 @@ def _as_allowed(mask: Tensor | MaskMod | None, B: int, H: int, q_len: int, k_len
 
     ``is_causal`` follows ``F.scaled_dot_product_attention``: top-left aligned, key ``j`` visible iff ``j <= i``.
     """
+    _check_is_causal(is_causal)
     allowed: Tensor | None = None
     if mask is not None:
         m4 = _mask4(mask, B, H, q_len, k_len, device)

@@ -19,7 +19,17 @@ from torch import Tensor, nn
 
 from kexue._checks import check_positive, check_tensor
 
-from .masks import MaskMod, RankMask, _as_allowed, _attached_counts, _row_counts, causal, render_mask
+from .masks import (
+    MaskMod,
+    RankMask,
+    _as_allowed,
+    _attached_counts,
+    _check_is_causal,
+    _row_counts,
+    _to_float_mask,
+    causal,
+    render_mask,
+)
 
 __all__ = ["entropy_invariant_scale", "logn_factor", "keys_per_row", "attention_entropy", "LogNScale"]
 
@@ -128,6 +138,7 @@ def keys_per_row(mask: Tensor | MaskMod | None, q_len: int, k_len: int, *, is_ca
         >>> keys_per_row(padding_mask(torch.tensor([[1, 1, 1, 0]])), 2, 4).tolist()
         [[[3, 3]]]
     """
+    _check_is_causal(is_causal)
     for name, v in (("q_len", q_len), ("k_len", k_len)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -158,6 +169,8 @@ def keys_per_row(mask: Tensor | MaskMod | None, q_len: int, k_len: int, *, is_ca
     counts = None
     if isinstance(mask, Tensor) and not is_causal and tuple(mask.shape[-2:]) == (q_len, k_len):
         counts = _attached_counts(mask)          # worked out by the mask's builder, if it has not changed since
+        if counts is not None:
+            counts = counts.clone()              # (kept with the mask: the caller gets a copy to change)
     if counts is None:
         if is_causal:
             allowed = allowed & render_mask(causal(0), 1, 1, q_len, k_len, allowed.device)[0, 0]
@@ -241,7 +254,7 @@ def attention_entropy(q: Tensor, k: Tensor, mask: Tensor | MaskMod | None = None
     if mult is not None:
         logits = logits * mult
     if isinstance(mask, Tensor) and mask.is_floating_point():   # an additive mask's finite values are a bias
-        bias = mask.to(device=q.device, dtype=cd)
+        bias = _to_float_mask(mask.to(q.device), cd)
         logits = logits + torch.where(bias > float("-inf"), bias, torch.zeros((), dtype=cd, device=q.device))
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -279,6 +292,8 @@ class LogNScale(nn.Module):
         self.base = _check_base(base)
         self.min_n = _check_min_n(min_n)
         self.learnable = bool(learnable)
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+            raise ValueError(f"init must be a finite number, got {init!r}")
         s = torch.full((num_heads,), float(init))
         if self.learnable:
             self.s = nn.Parameter(s)
