@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,7 @@ from kexue.train.mlm import (
     make_eval_set,
     mask_tokens,
     mlm_accuracy,
+    mlm_loss,
     split_documents,
     train_mlm,
     warmup_cosine,
@@ -194,3 +196,105 @@ def test_training_learns_and_resumes_exactly(tmp_path):
     for (n, a), (_, b) in zip(m1.state_dict().items(), m3.state_dict().items()):
         torch.testing.assert_close(a, b, msg=n)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # with dropout the global torch RNG is in the checkpoint too: a resumed run still ends on the same weights
+    # (the caller re-seeds the same way before both calls; the resumed call restores the saved state)
+    dkw = dict(steps=6, batch_size=4, seq_len=20, lr=3e-3, progress=False, checkpoint_every=2)
+
+    def dropped() -> Transformer:
+        torch.manual_seed(0)
+        return Transformer(tok.vocab_size, dim=32, depth=1, heads=2, dropout=0.2)
+
+    runs = []
+    for name, stops in (("whole", [None]), ("split", [4, None])):
+        model = dropped()
+        for stop in stops:
+            torch.manual_seed(7)
+            train_mlm(model, stream, tok, generator=torch.Generator().manual_seed(0),
+                      checkpoint_dir=tmp_path / name, stop_after=stop, **dkw)
+        runs.append(model)
+    for (n, a), (_, b) in zip(runs[0].state_dict().items(), runs[1].state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    # a checkpoint written before the RNG state (and the skipped steps) were saved still resumes
+    model = dropped()
+    train_mlm(model, stream, tok, generator=torch.Generator().manual_seed(0), checkpoint_dir=tmp_path / "old",
+              stop_after=4, **dkw)
+    state = torch.load(tmp_path / "old" / "last.pt", weights_only=False)
+    assert state["torch_rng_state"].dtype == torch.uint8
+    del state["torch_rng_state"], state["history"]["skipped"]
+    torch.save(state, tmp_path / "old" / "last.pt")
+    h = train_mlm(model, stream, tok, generator=torch.Generator().manual_seed(0), checkpoint_dir=tmp_path / "old",
+                  **dkw)
+    assert h["steps"] == 6 and len(h["loss"]) == 6 and h["skipped"] == []
+
+
+def test_mlm_loss_with_nothing_masked_is_a_connected_zero():
+    torch.manual_seed(0)
+    m = Transformer(15, dim=16, depth=1, heads=2)
+    ids = torch.randint(5, 15, (1, 4))
+    loss = mlm_loss(m, ids, torch.full((1, 4), IGNORE_INDEX))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.parameters())
+    # any model with .logits: the same
+    table = _Lookup(torch.arange(15), 15)
+    assert mlm_loss(table, ids, torch.full((1, 4), IGNORE_INDEX)).item() == 0.0
+    # one masked position: the usual cross-entropy
+    labels = torch.full((1, 4), IGNORE_INDEX)
+    labels[0, 2] = ids[0, 2]
+    want = F.cross_entropy(m(ids).logits[0, 2:3], ids[0, 2:3])
+    torch.testing.assert_close(mlm_loss(m, ids, labels), want)
+
+
+def test_train_mlm_skips_the_update_when_nothing_is_masked(tmp_path):
+    text = "abcdefghij" * 30
+    tok = CharTokenizer.from_corpus(text)
+    stream = TokenStream([tok.encode_tensor(text)])
+    torch.manual_seed(0)
+    m = Transformer(tok.vocab_size, dim=16, depth=1, heads=2)
+    before = {n: p.detach().clone() for n, p in m.state_dict().items()}
+    h = train_mlm(m, stream, tok, steps=3, batch_size=2, seq_len=8, mask_prob=0.0, progress=False)
+    assert h["steps"] == 3 and h["loss"] == [] and h["skipped"] == [0, 1, 2]
+    for n, p in m.state_dict().items():                 # no weight decay, no momentum step on empty batches
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0, msg=n)
+    # a mix of batches with and without masked positions: the loss list holds the real (finite) losses, the
+    # skipped steps are listed, and a resumed run still ends on the same weights
+    kw = dict(steps=12, batch_size=1, seq_len=2, mask_prob=0.3, progress=False, checkpoint_every=1)
+
+    def run(stops: list) -> tuple[Transformer, dict]:
+        torch.manual_seed(0)
+        model = Transformer(tok.vocab_size, dim=16, depth=1, heads=2)
+        for stop in stops:
+            hist = train_mlm(model, stream, tok, generator=torch.Generator().manual_seed(1),
+                             checkpoint_dir=tmp_path / str(len(stops)), stop_after=stop, **kw)
+        return model, hist
+
+    (m1, h1), (m2, h2) = run([None]), run([5, None])
+    assert 0 < len(h1["skipped"]) < 12 and len(h1["loss"]) + len(h1["skipped"]) == 12
+    assert all(math.isfinite(v) and v > 0 for v in h1["loss"])
+    assert h2["skipped"] == h1["skipped"] and h2["loss"] == pytest.approx(h1["loss"], rel=1e-5)
+    for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
+def test_mask_tokens_checks_ids_and_probabilities():
+    tok = CharTokenizer(list("abc"))                     # vocab_size 8
+    x = torch.randint(5, 8, (2, 10))
+    for bad in (torch.tensor([[5, 8]]), torch.tensor([[-1, 5]])):
+        with pytest.raises(ValueError, match=r"input_ids.*\[0, 8\)"):
+            mask_tokens(bad, tok)
+    for name in ("mask_prob", "mask_token_prob", "random_token_prob"):
+        for bad in ("0.15", None):
+            with pytest.raises(TypeError, match=name):
+                mask_tokens(x, tok, **{name: bad})
+        with pytest.raises(ValueError, match=name):
+            mask_tokens(x, tok, **{name: float("nan")})
+    assert mask_tokens(torch.zeros(0, 4, dtype=torch.long), tok)[1].shape == (0, 4)
+
+
+def test_encode_tensor_matches_encode_on_lone_surrogates():
+    tok = CharTokenizer.from_corpus("abc")
+    for text in ("a\ud800b", "\udfff", "x\ud83d\ude00c", "a\udc80\ud800"):
+        assert tok.encode_tensor(text).tolist() == tok.encode(text)
+    # a surrogate that is in the vocabulary keeps its id in both
+    tok2 = CharTokenizer(["a", "\ud800"])
+    assert tok2.encode_tensor("a\ud800b").tolist() == tok2.encode("a\ud800b") == [5, 6, tok2.unk_id]

@@ -230,3 +230,86 @@ def test_learnable_scale_starts_at_attention_e_and_trains_per_layer():
     assert any(p is attn.scale.s for p in attn.parameters())
     with pytest.raises(ValueError, match="scale"):
         SoftmaxAttention("learnable")                 # a name for the model's option, not a scale by itself
+
+
+def test_rope_position_ids_batch_must_match_x():
+    x = torch.randn(2, 1, 4, 8)
+    pos = torch.arange(4)
+    torch.testing.assert_close(apply_rope(x, pos[None].expand(2, 4)), apply_rope(x, pos))
+    torch.testing.assert_close(apply_rope(x, pos[None]), apply_rope(x, pos))
+    with pytest.raises(ValueError, match="position_ids"):
+        apply_rope(torch.randn(1, 1, 4, 8), pos[None].expand(3, 4))      # would silently give a batch of 3
+    with pytest.raises(ValueError, match="position_ids"):
+        apply_rope(x, pos[None].expand(3, 4))                            # would raise a raw RuntimeError
+
+
+def test_mask_that_broadcasts_is_accepted():
+    """A key-padding mask ``[B, 1, 1, L]`` (or any shape that broadcasts to ``[B, H, L, L]``) is accepted, and
+    gives what the dense mask and the model's own ``attention_mask`` give."""
+    from kexue.attention import padding_mask
+
+    m = _model(depth=1)
+    ids = torch.randint(0, 40, (2, 20))
+    am = torch.ones(2, 20, dtype=torch.long)
+    am[1, 13:] = 0
+    pm = padding_mask(am)
+    assert pm.shape == (2, 1, 1, 20)
+    got = m(ids, mask=pm).hidden
+    torch.testing.assert_close(got, m(ids, mask=pm.expand(2, 4, 20, 20).clone()).hidden)
+    torch.testing.assert_close(got, m(ids, attention_mask=am).hidden)
+    # a key mask shared by the batch, [1, 1, 1, L] and [L]
+    keys = torch.arange(20) < 15
+    want = m(ids, mask=keys.expand(2, 4, 20, 20).clone()).hidden
+    torch.testing.assert_close(m(ids, mask=keys[None, None, None]).hidden, want)
+    torch.testing.assert_close(m(ids, mask=keys).hidden, want)
+    # shapes that do not broadcast to [B, H, L, L] are still refused, naming the mask
+    for bad in (torch.ones(3, 1, 1, 20), torch.ones(2, 3, 20, 20), torch.ones(2, 1, 1, 19),
+                torch.ones(1, 2, 1, 1, 20)):
+        with pytest.raises(ValueError, match="mask"):
+            m(ids, mask=bad.bool())
+
+
+def test_3d_mask_is_per_batch_item():
+    """A 3-D mask is ``[B, L, L]`` (one mask per batch item, shared by the heads), also when B == H."""
+    m = _model(depth=1)                                       # heads = 4
+    ids = torch.randint(0, 40, (4, 6))
+    per_item = torch.stack([torch.ones(6, 6, dtype=torch.bool), torch.ones(6, 6, dtype=torch.bool).tril(),
+                            torch.eye(6, dtype=torch.bool), torch.ones(6, 6, dtype=torch.bool).triu()])
+    got = m(ids, mask=per_item).hidden
+    torch.testing.assert_close(got, m(ids, mask=per_item[:, None]).hidden)
+    for i in range(4):
+        torch.testing.assert_close(got[i:i + 1], m(ids[i:i + 1], mask=per_item[i]).hidden)
+    # a 3-D mask of one item is shared by the batch; any other first dimension is an error
+    torch.testing.assert_close(m(ids, mask=per_item[1:2]).hidden, m(ids, is_causal=True).hidden)
+    with pytest.raises(ValueError, match=r"mask.*\[B, L, L\]"):
+        m(ids[:2], mask=per_item)
+
+
+def test_input_ids_must_be_int32_or_int64():
+    m = _model(depth=1)
+    ids = torch.randint(0, 40, (2, 5))
+    torch.testing.assert_close(m(ids.int()).hidden, m(ids).hidden)
+    for dtype in (torch.bool, torch.uint8, torch.int8, torch.int16):
+        with pytest.raises(TypeError, match="input_ids"):
+            m(ids.clamp(max=1).to(dtype))
+
+
+def test_block_and_model_size_checks():
+    attn = SoftmaxAttention()
+    with pytest.raises(ValueError, match="heads"):
+        TransformerBlock(32, 0, attention=attn)
+    with pytest.raises(ValueError, match="dim"):
+        TransformerBlock(0, 2, attention=attn)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        TransformerBlock(32, 4, attention=attn, mlp_ratio=-1)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        TransformerBlock(32, 4, attention=attn, mlp_ratio=0.01)         # a zero-width MLP
+    with pytest.raises(TypeError, match="mlp_ratio"):
+        TransformerBlock(32, 4, attention=attn, mlp_ratio="4")
+    with pytest.raises(ValueError, match="heads"):
+        Transformer(10, dim=16, depth=1, heads=0)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        Transformer(10, dim=16, depth=1, heads=2, mlp_ratio=-1)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        Transformer(10, dim=32, depth=1, heads=4, mlp_ratio=0.01)
+    assert TransformerBlock(32, 4, attention=attn, mlp_ratio=1 / 32).mlp[0].out_features == 1

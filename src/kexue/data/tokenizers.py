@@ -121,7 +121,8 @@ class CharTokenizer:
         return [self.token_to_id.get(t, self.unk_id) for t in tokens]
 
     def encode_tensor(self, text: str) -> torch.Tensor:
-        """Encode a long text to an ``int64`` tensor in one vectorised pass (no special tokens added).
+        """Encode a long text to an ``int64`` tensor in one vectorised pass (no special tokens added); the ids
+        are those of :meth:`encode`, also for a lone surrogate (``[UNK]`` unless it is in the vocabulary).
 
         Example:
             >>> CharTokenizer(["a", "b"]).encode_tensor("abz").tolist()
@@ -137,7 +138,9 @@ class CharTokenizer:
             order = np.argsort(cps)
             self._lookup = (cps[order], order + len(SPECIAL_TOKENS))
         keys, vals = self._lookup
-        cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        # (surrogatepass: a lone surrogate such as "\ud800" is one code point here, as it is one character to
+        # encode; it is then looked up like any other)
+        cp = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32).astype(np.int64)
         if keys.size == 0:
             return torch.full((cp.size,), self.unk_id, dtype=torch.long)
         pos = np.clip(np.searchsorted(keys, cp), 0, keys.size - 1)

@@ -69,10 +69,9 @@ def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, base: float = 10000.
     """Rotate ``x`` ``[B, H, L, D]`` by its positions (RoPE, Su et al. 2021; kexue.fm/archives/8265).
 
     Channel pairs ``(i, i + D/2)`` are rotated by angle ``pos * base^(-2i/D)``, so that
-    ``<rope(q, m), rope(k, n)>`` depends on ``m - n`` only. ``position_ids`` is ``[L]`` or ``[B, L]`` and
-    may be any integers (e.g. the original positions of a permuted sequence). Computed in fp32 (fp64 for
-    fp64 input), returned
-    in ``x.dtype``.
+    ``<rope(q, m), rope(k, n)>`` depends on ``m - n`` only. ``position_ids`` is ``[L]``, ``[1, L]`` or
+    ``[B, L]`` (``B`` = the batch of ``x``) and may be any integers (e.g. the original positions of a
+    permuted sequence). Computed in fp32 (fp64 for fp64 input), returned in ``x.dtype``.
 
     Example:
         >>> q = torch.randn(1, 1, 4, 8)
@@ -88,6 +87,9 @@ def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, base: float = 10000.
         position_ids = position_ids[None]
     if position_ids.dim() != 2 or position_ids.shape[-1] != x.shape[2]:
         raise ValueError(f"position_ids must be [L] or [B, L] with L={x.shape[2]}, got {tuple(position_ids.shape)}")
+    if position_ids.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"position_ids must be [L], [1, L] or [B, L] with B={x.shape[0]} (the batch of x), got "
+                         f"{tuple(position_ids.shape)}")
     half = d // 2
     cdt = compute_dtype(x.dtype)
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=cdt) / half)
@@ -149,6 +151,19 @@ class SoftmaxAttention(nn.Module):
         return f"scale={self.scale!r}, min_n={self.min_n}, base={self.base}" + (f", {tail}" if tail else "")
 
 
+def _check_sizes(dim: int, heads: int, mlp_ratio: float) -> int:
+    """Check a block's sizes; returns the MLP's hidden width ``int(dim * mlp_ratio)``, which must be >= 1."""
+    for name, val in (("dim", dim), ("heads", heads)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+    check_positive("mlp_ratio", mlp_ratio)
+    hidden = int(dim * mlp_ratio)
+    if hidden < 1:
+        raise ValueError(f"mlp_ratio must give an MLP hidden width int(dim * mlp_ratio) >= 1, got mlp_ratio="
+                         f"{mlp_ratio} with dim={dim}")
+    return hidden
+
+
 def _takes_memo(attn: object) -> bool:
     """Whether ``attn`` is a SoftmaxAttention whose forward and entropy are ours (so it unwraps a _MaskMemo): a
     subclass that overrides either gets the mask tensor. (Not an exact type check: torch.export's non-strict
@@ -174,6 +189,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, attention: Callable[..., torch.Tensor], mlp_ratio: float = 4.0,
                  norm: str = "pre", dropout: float = 0.0, rope_base: float = 10000.0) -> None:
         super().__init__()
+        hidden = _check_sizes(dim, heads, mlp_ratio)
         if dim % heads:
             raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
         check_choice("norm", norm, NORMS)
@@ -181,7 +197,6 @@ class TransformerBlock(nn.Module):
         self.attn = attention
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
@@ -259,9 +274,13 @@ class Transformer(nn.Module):
 
     ``forward(input_ids, position_ids=None, attention_mask=None, mask=None, is_causal=False,
     return_entropy=False)``: ``position_ids`` default to ``0..L-1`` (pass the original positions for a
-    permutation LM); ``attention_mask`` ``[B, L]`` marks real tokens (1) vs padding (0); ``mask`` is a
-    boolean attention mask broadcastable to ``[B, H, L, L]`` (``True`` = may attend), e.g. from
-    :func:`kexue.attention.unilm_mask`, or a :class:`~kexue.attention.RankMask`; ``is_causal`` adds the LM
+    permutation LM); ``input_ids`` is an int64 or int32 tensor ``[B, L]``; ``attention_mask`` ``[B, L]``
+    marks real tokens (1) vs padding (0); ``mask`` is a boolean attention mask (``True`` = may attend) that
+    broadcasts to ``[B, H, L, L]``, e.g. ``[B, 1, L, L]`` from :func:`kexue.attention.unilm_mask`, ``[B, 1, 1, L]``
+    from :func:`kexue.attention.padding_mask` or ``[L, L]``, or a :class:`~kexue.attention.RankMask`. One
+    exception to plain broadcasting: a **3-D** mask is ``[B, L, L]`` (one mask per batch item, shared by the
+    heads; the Hugging Face convention), read as ``[B, 1, L, L]`` -- not ``[H, L, L]`` as
+    :func:`kexue.attention.attention` reads it -- and its first dimension must be 1 or ``B``. ``is_causal`` adds the LM
     mask; ``logits_positions`` (bool ``[B, L]``) computes the MLM logits only there and returns them as
     ``[N, vocab]`` (cheap MLM training with a large vocabulary). With the default :class:`SoftmaxAttention` in
     every block, the mask is turned into SDPA's float form (and counted per row, for the entropy scales) once
@@ -282,12 +301,12 @@ class Transformer(nn.Module):
                  attention_backend: str = "sdpa") -> None:
         super().__init__()
         check_choice("attention_backend", attention_backend, BACKENDS)
-        for name, val in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads)):
+        for name, val in (("vocab_size", vocab_size), ("depth", depth)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        _check_sizes(dim, heads, mlp_ratio)
         check_choice("norm", norm, NORMS)
         check_choice("attention_scale", attention_scale, ATTENTION_SCALES)
-        check_positive("mlp_ratio", mlp_ratio)
         check_positive("rope_base", rope_base)
         check_positive("dropout", dropout, allow_zero=True)
         if dim % heads or (dim // heads) % 2:
@@ -348,12 +367,7 @@ class Transformer(nn.Module):
             check_tensor("mask", mask)
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
-            if mask.dim() == 2:
-                mask = mask[None, None]
-            elif mask.dim() == 3:
-                mask = mask[:, None]
-            if mask.dim() != 4 or mask.shape[-2:] != (length, length):
-                raise ValueError(f"mask must broadcast to [B, H, {length}, {length}], got {tuple(mask.shape)}")
+            mask = self._check_mask(mask, batch, length)
         if attention_mask is not None:
             _check_attention_mask(attention_mask, batch, length)
             if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling() and \
@@ -366,6 +380,25 @@ class Transformer(nn.Module):
             mask = mask & causal_mask(length, device=device)
             is_causal = False
         return mask, is_causal
+
+    def _check_mask(self, mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """``mask`` as a 4-D tensor that broadcasts to ``[B, H, L, L]``: a 3-D mask is ``[B, L, L]`` (made
+        ``[B, 1, L, L]``), fewer dimensions get leading ones; raise ``ValueError`` for any other shape."""
+        want = (batch, self.heads, length, length)
+        shape = tuple(mask.shape)
+        if mask.dim() == 3:
+            if shape[0] not in (1, batch) or shape[1:] != (length, length):
+                raise ValueError(f"mask with 3 dimensions must be [B, L, L] (one mask per batch item) or "
+                                 f"[1, L, L] with B={batch}, L={length}, got {shape}")
+            return mask[:, None]
+        try:
+            fits = mask.dim() <= 4 and torch.broadcast_shapes(shape, want) == want
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"mask must broadcast to [B, H, L, L]=[{batch}, {self.heads}, {length}, {length}], "
+                             f"got {shape}")
+        return mask.reshape((1,) * (4 - mask.dim()) + shape) if mask.dim() < 4 else mask
 
     def _structured_mask(self, batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None,
                          mask: torch.Tensor | RankMask | None) -> torch.Tensor | RankMask | None:
@@ -384,6 +417,8 @@ class Transformer(nn.Module):
                 is_causal: bool = False, return_entropy: bool = False,
                 logits_positions: torch.Tensor | None = None) -> TransformerOutput:
         check_tensor("input_ids", input_ids, floating=False, dim=2)
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an int64 or int32 tensor (token ids), got dtype {input_ids.dtype}")
         b, n = input_ids.shape
         if n == 0:
             raise ValueError("input_ids must have at least one position")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -142,7 +143,8 @@ def mask_tokens(input_ids: torch.Tensor, vocab: MaskingVocab, mask_prob: float =
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: each non-special position is selected with ``mask_prob``; a selected position becomes
     ``[MASK]`` with ``mask_token_prob``, a random non-special token with ``random_token_prob`` and stays
-    otherwise. Returns ``(inputs, labels)`` with ``labels = -100`` where not selected.
+    otherwise. Returns ``(inputs, labels)`` with ``labels = -100`` where not selected. ``input_ids`` must lie
+    in ``[0, vocab.vocab_size)``; the three probabilities must be real numbers in ``[0, 1]``.
 
     Example:
         >>> from kexue.data.tokenizers import CharTokenizer
@@ -155,8 +157,13 @@ def mask_tokens(input_ids: torch.Tensor, vocab: MaskingVocab, mask_prob: float =
     check_tensor("input_ids", input_ids, floating=False)
     for name, p in (("mask_prob", mask_prob), ("mask_token_prob", mask_token_prob),
                     ("random_token_prob", random_token_prob)):
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            raise TypeError(f"{name} must be a number in [0, 1], got {type(p).__name__}")
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p}")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab.vocab_size):
+        raise ValueError(f"input_ids must lie in [0, {vocab.vocab_size}) (the vocabulary), got range "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
     if mask_token_prob + random_token_prob > 1.0 + 1e-12:
         raise ValueError("mask_token_prob + random_token_prob must be <= 1, got "
                          f"{mask_token_prob} + {random_token_prob}")
@@ -199,18 +206,43 @@ def _atomic_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def _get_rng_states() -> dict[str, Any]:
+    """The global torch RNG states (dropout draws from them) for a checkpoint: the CPU one, and one per CUDA
+    device when CUDA is initialised."""
+    states: dict[str, Any] = {"torch_rng_state": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda_rng_states"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(state: dict[str, Any]) -> None:
+    """Restore what :func:`_get_rng_states` saved; a checkpoint without the fields (written before they were
+    saved) leaves the RNGs as they are."""
+    if "torch_rng_state" in state:
+        torch.set_rng_state(state["torch_rng_state"].cpu())
+    cuda_states = state.get("cuda_rng_states")
+    if cuda_states and torch.cuda.is_available():
+        for i, s in enumerate(cuda_states[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+
+
 def mlm_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the labelled (masked) positions (a :class:`~kexue.nn.Transformer` computes
-    the logits only there)."""
+    the logits only there). With no labelled position (all labels ``-100``) it is an exact ``0.0`` that is
+    still part of the graph (``backward()`` works and gives zero gradients), not the NaN of a mean over
+    nothing."""
     from kexue.nn.transformer import Transformer
 
+    sel = labels != IGNORE_INDEX
     if isinstance(model, Transformer):
-        sel = labels != IGNORE_INDEX
         logits = model(inputs, logits_positions=sel).logits
-        return F.cross_entropy(logits.float(), labels[sel])
-    logits = model(inputs).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+        targets = labels[sel]
+    else:
+        logits = model(inputs).logits
+        logits, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if not bool(sel.any()):
+        return logits.float().reshape(-1)[:0].sum()       # a sum over no element: 0, connected to the graph
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
 
 
 def train_mlm(model: nn.Module, stream: TokenStream, vocab: MaskingVocab, *, steps: int, batch_size: int,
@@ -225,12 +257,21 @@ def train_mlm(model: nn.Module, stream: TokenStream, vocab: MaskingVocab, *, ste
     AdamW (weight decay on weight matrices only, not on biases, norms or embeddings), linear warmup (default 5% of the
     steps) then cosine decay to ``min_lr_ratio``. All data order and masking come from ``generator``, so
     two models trained with equal generators see exactly the same batches. With ``checkpoint_dir``, the
-    model, optimizer, schedule, generator and history are saved atomically to ``last.pt`` every
-    ``checkpoint_every`` steps and at the end; a later call with the same directory resumes from it and
-    reaches the same weights as an uninterrupted run. ``stop_after`` ends the call early after that many
-    total steps (used to test resuming). ``progress`` is a bool or a tqdm-like factory (e.g. ``ctx.pbar``).
+    model, optimizer, schedule, generator, the global torch RNG states (CPU, and CUDA when CUDA is
+    initialised; dropout draws from them) and history are saved atomically to ``last.pt`` every
+    ``checkpoint_every`` steps and at the end; a later call with the same directory resumes from it (restoring
+    the global RNG states, where the checkpoint has them) and reaches the same weights as an uninterrupted
+    run. ``stop_after`` ends the call early after that many total steps (used to test resuming). ``progress``
+    is a bool or a tqdm-like factory (e.g. ``ctx.pbar``).
 
-    Returns ``{"loss": [per-step losses], "steps": steps done}``.
+    A batch in which masking selected no position has no loss: its step makes no optimizer update (no
+    weight decay or momentum move), while the schedule still advances and the batch is still drawn, so the
+    step count and data stream stay those of every other run.
+
+    Returns ``{"loss": [...], "skipped": [...], "steps": steps done}``: ``loss`` holds the loss of every step
+    that updated the model, in order (a step with nothing masked records no loss, so averages over ``loss``
+    are averages of real losses); ``skipped`` lists the indices of the steps that had nothing masked, so
+    ``len(loss) + len(skipped) == steps``.
 
     Example:
         >>> from kexue.data.tokenizers import CharTokenizer
@@ -255,7 +296,7 @@ def train_mlm(model: nn.Module, stream: TokenStream, vocab: MaskingVocab, *, ste
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup, min_lr_ratio))
-    history: dict[str, Any] = {"loss": [], "steps": 0}
+    history: dict[str, Any] = {"loss": [], "skipped": [], "steps": 0}
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
@@ -264,6 +305,8 @@ def train_mlm(model: nn.Module, stream: TokenStream, vocab: MaskingVocab, *, ste
         sched.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         history = state["history"]
+        history.setdefault("skipped", [])           # (a checkpoint written before skipped steps were listed)
+        _set_rng_states(state)
     start = history["steps"]
     end = steps if stop_after is None else min(steps, stop_after)
 
@@ -271,7 +314,7 @@ def train_mlm(model: nn.Module, stream: TokenStream, vocab: MaskingVocab, *, ste
         if ckpt is not None:
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "generator": generator.get_state(),
-                          "history": history}, ckpt)
+                          "history": history, **_get_rng_states()}, ckpt)
 
     bar_factory = progress if callable(progress) else None
     if bar_factory is None:
@@ -285,18 +328,24 @@ def train_mlm(model: nn.Module, stream: TokenStream, vocab: MaskingVocab, *, ste
     for step in range(start, end):
         batch = stream.sample(batch_size, seq_len, generator=generator)
         inputs, labels = mask_tokens(batch, vocab, mask_prob=mask_prob, generator=generator)
-        loss = mlm_loss(model, inputs.to(device), labels.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        history["loss"].append(loss.item())
+        if bool((labels != IGNORE_INDEX).any()):
+            loss = mlm_loss(model, inputs.to(device), labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            sched.step()
+            history["loss"].append(loss.item())
+        else:                       # nothing masked: no loss, no update; the schedule still moves on
+            with warnings.catch_warnings():     # (torch warns when the schedule steps before the optimizer)
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler", category=UserWarning)
+                sched.step()
+            history["skipped"].append(step)
         history["steps"] = step + 1
         bar.update(1)
-        if hasattr(bar, "set_postfix") and step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if hasattr(bar, "set_postfix") and step % 20 == 0 and history["loss"]:
+            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
         if ckpt is not None and (step + 1) % checkpoint_every == 0:
             save()
     if hasattr(bar, "close"):
