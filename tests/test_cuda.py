@@ -211,6 +211,21 @@ def test_augment_on_cuda_is_seeded_and_matches_cpu_draws():
     torch.testing.assert_close(mixup(xd, yd, generator=ga)[0], mixup(xd, yd, generator=gb)[0])
 
 
+def test_mlm_masking_of_a_cuda_batch_is_the_cpu_batch_s():
+    """mask_tokens draws on its generator's device: a CUDA batch gets the CPU batch's masks, on its device."""
+    from kexue.data.tokenizers import CharTokenizer
+    from kexue.train.mlm import mask_tokens
+
+    tok = CharTokenizer(list("abcdefgh"))
+    ids = torch.randint(len(tok.special_ids), tok.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    want = mask_tokens(ids, tok, generator=torch.Generator().manual_seed(2))
+    got = mask_tokens(ids.to(DEV), tok, generator=torch.Generator().manual_seed(2))
+    assert all(g.device.type == "cuda" for g in got)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
+    ga, gb = (torch.Generator(device=DEV).manual_seed(3) for _ in range(2))
+    assert torch.equal(mask_tokens(ids.to(DEV), tok, generator=ga)[0], mask_tokens(ids.to(DEV), tok, generator=gb)[0])
+
+
 def test_losses_linalg_init_on_cuda_match_cpu():
     from kexue.init import he_normal_, orthogonality_error
     from kexue.linalg import orthogonal_map

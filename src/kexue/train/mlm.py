@@ -143,7 +143,9 @@ def mask_tokens(input_ids: torch.Tensor, vocab: MaskingVocab, mask_prob: float =
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: each non-special position is selected with ``mask_prob``; a selected position becomes
     ``[MASK]`` with ``mask_token_prob``, a random non-special token with ``random_token_prob`` and stays
-    otherwise. Returns ``(inputs, labels)`` with ``labels = -100`` where not selected. ``input_ids`` must lie
+    otherwise. Returns ``(inputs, labels)`` with ``labels = -100`` where not selected, on ``input_ids``' device
+    (the draws are made on ``generator``'s device, the CPU by default, so masks do not depend on where the batch
+    lives). ``input_ids`` must lie
     in ``[0, vocab.vocab_size)``; the three probabilities must be real numbers in ``[0, 1]``.
 
     Example:
@@ -167,23 +169,26 @@ def mask_tokens(input_ids: torch.Tensor, vocab: MaskingVocab, mask_prob: float =
     if mask_token_prob + random_token_prob > 1.0 + 1e-12:
         raise ValueError("mask_token_prob + random_token_prob must be <= 1, got "
                          f"{mask_token_prob} + {random_token_prob}")
-    special = torch.tensor(sorted(set(vocab.special_ids)), dtype=torch.long)
+    # the draws are made on the generator's device (the CPU without one), so a batch gets the same masks
+    # wherever it lives; the results go back to input_ids' device
+    dev = torch.device("cpu") if generator is None else generator.device
+    special = torch.tensor(sorted(set(vocab.special_ids)), dtype=torch.long, device=dev)
     candidates = torch.tensor([i for i in range(vocab.vocab_size) if i not in set(vocab.special_ids)],
-                              dtype=torch.long)
+                              dtype=torch.long, device=dev)
     if candidates.numel() == 0:
         raise ValueError("vocab must contain at least one non-special token")
-    x = input_ids.long()
+    x = input_ids.long().to(dev)
     eligible = ~torch.isin(x, special)
-    u = torch.rand(x.shape, generator=generator)
+    u = torch.rand(x.shape, generator=generator, device=dev)
     selected = (u < mask_prob) & eligible
-    v = torch.rand(x.shape, generator=generator)
-    rnd = candidates[torch.randint(candidates.numel(), x.shape, generator=generator)]
+    v = torch.rand(x.shape, generator=generator, device=dev)
+    rnd = candidates[torch.randint(candidates.numel(), x.shape, generator=generator, device=dev)]
     to_mask = selected & (v < mask_token_prob)
     to_rand = selected & (v >= mask_token_prob) & (v < mask_token_prob + random_token_prob)
     inputs = torch.where(to_mask, torch.full_like(x, vocab.mask_id), x)
     inputs = torch.where(to_rand, rnd, inputs)
     labels = torch.where(selected, x, torch.full_like(x, IGNORE_INDEX))
-    return inputs, labels
+    return inputs.to(input_ids.device), labels.to(input_ids.device)
 
 
 # ------------------------------------------------------------------------------------------------------
