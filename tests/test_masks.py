@@ -545,3 +545,10 @@ def test_a_rank_mask_keeps_its_own_copy_of_int32_ranks():
     r.zero_()                                       # the caller's tensor, not the mask's
     torch.testing.assert_close(attention(q, q, q, rm), before)
     torch.testing.assert_close(attention(q, q, q, rm), attention_reference(q, q, q, rm))
+
+
+def test_a_predicate_built_for_another_length_is_a_value_error():
+    with pytest.raises(ValueError, match="built for another batch or length"):
+        render_mask(unilm(torch.tensor([[0, 0, 1, 1]])), 1, 1, 6, 6)
+    with pytest.raises(ValueError, match="built for another batch or length"):
+        render_mask(padding(torch.tensor([[1, 1, 0], [1, 0, 0]])), 3, 1, 3, 3)

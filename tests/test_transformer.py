@@ -313,3 +313,28 @@ def test_block_and_model_size_checks():
     with pytest.raises(ValueError, match="mlp_ratio"):
         Transformer(10, dim=32, depth=1, heads=4, mlp_ratio=0.01)
     assert TransformerBlock(32, 4, attention=attn, mlp_ratio=1 / 32).mlp[0].out_features == 1
+
+
+def test_the_model_init_leaves_a_user_attention_module_s_own_layers_alone():
+    """reset_parameters gives the model's layers the BERT init, not the layers inside a plugged-in attention
+    module (e.g. the projection of a linear attention), which keep what their author chose."""
+    from kexue.attention import attention as attention_fn
+
+    class ProjectedAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feature = torch.nn.Linear(4, 4)
+            torch.nn.init.eye_(self.feature.weight)
+            torch.nn.init.constant_(self.feature.bias, 0.5)
+
+        def forward(self, q, k, v, mask=None, is_causal=False):
+            return attention_fn(self.feature(q), self.feature(k), v, mask, is_causal=is_causal)
+
+    torch.manual_seed(0)
+    m = Transformer(20, dim=8, depth=2, heads=2, attention_factory=lambda i: ProjectedAttention())
+    for blk in m.blocks:
+        assert torch.equal(blk.attn.feature.weight, torch.eye(4))
+        assert torch.equal(blk.attn.feature.bias, torch.full((4,), 0.5))
+        assert blk.qkv.weight.std().item() < 0.05 and torch.equal(blk.qkv.bias, torch.zeros_like(blk.qkv.bias))
+    out = m(torch.randint(0, 20, (2, 5)), is_causal=True).logits
+    assert out.shape == (2, 5, 20) and torch.isfinite(out).all()

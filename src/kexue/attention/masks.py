@@ -241,7 +241,11 @@ def render_mask(mod: MaskMod, B: int, H: int, Q_LEN: int, KV_LEN: int,
     h = torch.arange(H, device=dev).view(1, H, 1, 1)
     q = torch.arange(Q_LEN, device=dev).view(1, 1, Q_LEN, 1)
     kv = torch.arange(KV_LEN, device=dev).view(1, 1, 1, KV_LEN)
-    out = mod(b, h, q, kv)
+    try:
+        out = mod(b, h, q, kv)
+    except IndexError as exc:       # e.g. unilm(segment_ids) of 4 positions asked for 6
+        raise ValueError(f"mask predicate indexed past its own tensors for B={B}, H={H}, Q_LEN={Q_LEN}, "
+                         f"KV_LEN={KV_LEN}: was it built for another batch or length? ({exc})") from exc
     if not isinstance(out, Tensor):
         out = torch.as_tensor(out, device=dev)
     if out.dtype != torch.bool:

@@ -268,7 +268,7 @@ class Transformer(nn.Module):
             one Triton kernel (CUDA) that computes the mask from a :class:`~kexue.attention.RankMask` -- a
             ``mask`` from kexue's builders carries one, padding is added to it -- and the entropy scale itself.
         attention: one attention callable shared by every block (see the module docstring for the
-            interface); overrides ``attention_scale``.
+            interface); overrides ``attention_scale``. Its own layers keep their initialisation.
         attention_factory: ``f(layer_index) -> attention`` to build one attention module per block.
         rope_base: RoPE frequency base. dropout: dropout on residual branches.
 
@@ -341,8 +341,13 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """BERT-style init: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+        """BERT-style init: normal(0, 0.02) weights, zero biases, unit LayerNorms -- of the model's own layers:
+        the modules inside a block's attention object (``attention=`` / ``attention_factory``, e.g. the feature
+        map of a linear attention) keep the initialisation their author gave them."""
+        theirs = {id(m) for blk in self.blocks if isinstance(blk.attn, nn.Module) for m in blk.attn.modules()}
         for mod in self.modules():
+            if id(mod) in theirs:
+                continue
             if isinstance(mod, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(mod.weight, std=0.02)
                 if isinstance(mod, nn.Linear) and mod.bias is not None:
