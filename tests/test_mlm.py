@@ -298,3 +298,13 @@ def test_encode_tensor_matches_encode_on_lone_surrogates():
     # a surrogate that is in the vocabulary keeps its id in both
     tok2 = CharTokenizer(["a", "\ud800"])
     assert tok2.encode_tensor("a\ud800b").tolist() == tok2.encode("a\ud800b") == [5, 6, tok2.unk_id]
+
+
+def test_a_vocabulary_with_a_lone_surrogate_saves_and_loads(tmp_path):
+    tok = CharTokenizer.from_corpus(["ab\ud800你"])
+    tok.save(tmp_path / "v.json")
+    back = CharTokenizer.load(tmp_path / "v.json")
+    assert back.tokens == tok.tokens and back.encode("a\ud800你") == tok.encode("a\ud800你")
+    plain = CharTokenizer.from_corpus(["ab你"])
+    plain.save(tmp_path / "p.json")
+    assert "你" in (tmp_path / "p.json").read_text(encoding="utf-8")     # readable when it can be

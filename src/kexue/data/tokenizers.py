@@ -180,7 +180,11 @@ class CharTokenizer:
             >>> CharTokenizer(["a"]).save(p); CharTokenizer.load(p).tokens[-1]
             'a'
         """
-        data = json.dumps(self.to_dict(), ensure_ascii=False).encode("utf-8")
+        text = json.dumps(self.to_dict(), ensure_ascii=False)
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:      # a lone surrogate has no UTF-8 form: write \uXXXX escapes instead
+            data = json.dumps(self.to_dict()).encode("ascii")
         atomic_write(path, lambda f: f.write(data))
 
     @classmethod
