@@ -815,3 +815,19 @@ def test_q_is_checked_before_a_rank_mask_is_rendered():
     k = torch.randn(1, 1, 4, 4)
     with pytest.raises(TypeError, match="q"):
         attention(None, k, k, RankMask.causal(4))
+
+
+def test_in_inference_mode_the_converted_mask_is_still_kept_as_a_normal_tensor():
+    """Calls in inference mode keep the converted mask between calls like any other (one conversion for many
+    layers), made as a normal tensor that a later training call can save for backward."""
+    from kexue.attention.core import _clear_mask_stats_cache, _mask_cache
+
+    _clear_mask_stats_cache()
+    q = torch.randn(1, 2, 8, 4, generator=torch.Generator().manual_seed(0))
+    m = causal_mask(8)
+    with torch.inference_mode():
+        attention(q, q, q, m, scale="entropy")
+        kept = dict(_mask_cache()["ready"])
+        attention(q, q, q, m, scale="entropy")
+        assert kept and all(_mask_cache()["ready"][d] is t for d, t in kept.items())
+    assert not any(t.is_inference() for t in kept.values())

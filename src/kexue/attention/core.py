@@ -20,6 +20,7 @@ Conventions shared by both:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -262,11 +263,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
             prepared = _traced_prepare(q, mask, scale, is_causal, (B, H, Lq, Lk, D))
         else:
             dev = q.device
-            m4 = _mask4(mask, B, H, Lq, Lk, dev)
             # (q.is_cpu first: reading dev.type costs a few microseconds on every call)
             policy = _EMPTY_ROWS_ZERO.get("cpu") if q.is_cpu else _EMPTY_ROWS_ZERO.get(dev.type)
-            prepared = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed,
-                                     guard=policy is None)
+            with _outside_inference_mode():
+                m4 = _mask4(mask, B, H, Lq, Lk, dev)
+                prepared = _prepare_mask(mask, m4, Lq, Lk, is_causal, q.dtype, dev, counts_needed,
+                                         guard=policy is None)
         if memo is not None and not (isinstance(mask, Tensor) and mask.requires_grad):
             memo.prepared[key] = prepared       # (not a learnt float bias: its form belongs to one graph)
     attn_mask, counts, empty = prepared
@@ -275,7 +277,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | None = N
         # (eager: one lookup in a cached table, kept with the mask; traced: made once per forward, see
         # _traced_logn_multiplier)
         if not tracing:
-            mult = _entropy_multiplier(counts, Lk, float(min_n), float(base), q.dtype)
+            with _outside_inference_mode():
+                mult = _entropy_multiplier(counts, Lk, float(min_n), float(base), q.dtype)
         else:
             mkey = (key, "mult", float(min_n), float(base))
             mult = None if memo is None else memo.prepared.get(mkey)
@@ -386,6 +389,13 @@ if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isd
 _TRACED_CPU_KERNELS = True
 
 
+def _outside_inference_mode() -> contextlib.AbstractContextManager:
+    """``torch.inference_mode(False)`` when inference mode is on, else nothing: what is kept between calls (the
+    converted mask, its counts and multiplier) must be made as normal tensors, since a later training call
+    saves them for backward, which an inference tensor cannot be; kept so, they serve inference calls too."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+
+
 def _clear_mask_stats_cache() -> None:
     """Forget this thread's kept mask data (row counts, multipliers, float mask)."""
     _mask_cache().clear()
@@ -394,11 +404,8 @@ def _clear_mask_stats_cache() -> None:
 def _mask_entry(mask: object, geometry: tuple) -> dict:
     """The kept entry for ``mask`` under ``geometry``: the cached one if it is still valid, else a fresh one
     (which replaces the cached one for tensors; predicates and inference tensors get a throwaway entry)."""
-    identity = _eager_identity(mask) if isinstance(mask, Tensor) and not torch.is_inference_mode_enabled() \
-        else None
-    # a predicate, an inference tensor (no version counter) or a call in inference mode (what it makes are
-    # inference tensors, which a later training call could not save for backward): nothing kept
-    if identity is None:
+    identity = _eager_identity(mask) if isinstance(mask, Tensor) else None
+    if identity is None:                # a predicate, or an inference tensor (no version counter): nothing kept
         return {"ref": None, "identity": None, "counts": None, "empty": None, "empty_known": False, "ready": {},
                 "mults": {}}
     kept = _mask_cache()
@@ -500,7 +507,7 @@ def _entropy_multiplier(counts: Tensor, k_len: int, min_n: float, base: float, d
     if isinstance(mults, dict) and key in mults:
         return mults[key]
     mult = torch.take(_logn_lookup(k_len, min_n, base, dtype, counts.device), counts)
-    if isinstance(mults, dict) and not torch.is_inference_mode_enabled():   # (see _mask_entry)
+    if isinstance(mults, dict):
         mults[key] = mult
     return mult
 

@@ -183,7 +183,7 @@ class CharTokenizer:
         text = json.dumps(self.to_dict(), ensure_ascii=False)
         try:
             data = text.encode("utf-8")
-        except UnicodeEncodeError:      # a lone surrogate has no UTF-8 form: write \uXXXX escapes instead
+        except UnicodeEncodeError:      # a lone surrogate has no UTF-8 form: write ASCII with \u escapes
             data = json.dumps(self.to_dict()).encode("ascii")
         atomic_write(path, lambda f: f.write(data))
 
