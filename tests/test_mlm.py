@@ -218,7 +218,7 @@ def test_training_learns_and_resumes_exactly(tmp_path):
     model = dropped()
     train_mlm(model, stream, tok, generator=torch.Generator().manual_seed(0), checkpoint_dir=tmp_path / "old",
               stop_after=4, **dkw)
-    state = torch.load(tmp_path / "old" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "old" / "last.pt", weights_only=True)  # a genuine last.pt is plain data
     assert state["torch_rng_state"].dtype == torch.uint8
     del state["torch_rng_state"], state["history"]["skipped"]
     torch.save(state, tmp_path / "old" / "last.pt")
@@ -308,3 +308,59 @@ def test_a_vocabulary_with_a_lone_surrogate_saves_and_loads(tmp_path):
     plain = CharTokenizer.from_corpus(["ab你"])
     plain.save(tmp_path / "p.json")
     assert "你" in (tmp_path / "p.json").read_text(encoding="utf-8")     # readable when it can be
+
+
+# -- last.pt is loaded safely (issue 18) -----------------------------------------------------------------
+def _tiny_mlm(tmp_path, **kw):
+    text = "abcdefghij" * 20
+    tok = CharTokenizer.from_corpus(text)
+    torch.manual_seed(0)
+    model = Transformer(tok.vocab_size, dim=16, depth=1, heads=2)
+    return lambda: train_mlm(model, TokenStream([tok.encode_tensor(text)]), tok, steps=4, batch_size=2, seq_len=8,
+                             progress=False, checkpoint_dir=tmp_path, generator=torch.Generator().manual_seed(0), **kw)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        import shlex
+
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def test_train_mlm_refuses_a_crafted_last_pt_and_runs_nothing(tmp_path):
+    from kexue.train.checkpoint import CheckpointError
+
+    marker = tmp_path / "pwned"
+    last = tmp_path / "last.pt"
+    torch.save({"model": _RunsCode(marker), "history": {"steps": 0}}, last)
+    with pytest.raises(CheckpointError) as err:
+        _tiny_mlm(tmp_path)()
+    assert str(last) in str(err.value)
+    assert not marker.exists()
+
+
+def test_train_mlm_last_pt_is_plain_data_and_a_corrupt_one_is_refused(tmp_path):
+    from kexue.train.checkpoint import CheckpointError, load_checkpoint
+
+    _tiny_mlm(tmp_path, stop_after=2)()
+    last = tmp_path / "last.pt"
+    state = load_checkpoint(last)  # CRC-checked, weights_only=True: with the generator and RNG states
+    assert state["history"]["steps"] == 2 and state["generator"].dtype == torch.uint8
+    assert state["torch_rng_state"].dtype == torch.uint8
+    weight = next(v for v in state["model"].values() if v.numel() >= 64)
+    data = bytearray(last.read_bytes())
+    at = data.find(weight.numpy().tobytes())
+    assert at > 0
+    data[at + 10] ^= 0x80
+    last.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC") as err:
+        _tiny_mlm(tmp_path)()
+    assert str(last) in str(err.value)
+    last.unlink()
+    last.mkdir()  # a folder where last.pt goes: refused before the first step
+    with pytest.raises(ValueError, match="is a folder"):
+        _tiny_mlm(tmp_path)()

@@ -14,10 +14,17 @@ Example:
 """
 
 from kexue.train import distributed, mlm
-from kexue.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from kexue.train.checkpoint import (
+    CheckpointError,
+    check_output_file,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 from kexue.train.loop import TrainConfig, TrainHistory, derive_seed, evaluate, fit, lr_factor
 from kexue.train.transforms import FlipCrop, random_crop, random_horizontal_flip
 
 __all__ = ["TrainConfig", "TrainHistory", "fit", "evaluate", "lr_factor", "derive_seed", "FlipCrop",
            "random_crop", "random_horizontal_flip", "save_checkpoint", "load_checkpoint", "checkpoint_path",
+           "CheckpointError", "check_output_file",
            "distributed", "mlm"]

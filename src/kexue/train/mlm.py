@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kexue._checks import check_positive, check_tensor
-from kexue._io import atomic_write
+from kexue.train.checkpoint import check_output_file, load_checkpoint, save_checkpoint
 
 IGNORE_INDEX = -100
 
@@ -207,10 +207,6 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) ->
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def _get_rng_states() -> dict[str, Any]:
     """The global torch RNG states (dropout draws from them) for a checkpoint: the CPU one, and one per CUDA
     device when CUDA is initialised."""
@@ -266,8 +262,11 @@ def train_mlm(model: nn.Module, stream: TokenStream, vocab: MaskingVocab, *, ste
     initialised; dropout draws from them) and history are saved atomically to ``last.pt`` every
     ``checkpoint_every`` steps and at the end; a later call with the same directory resumes from it (restoring
     the global RNG states, where the checkpoint has them) and reaches the same weights as an uninterrupted
-    run. ``stop_after`` ends the call early after that many total steps (used to test resuming). ``progress``
-    is a bool or a tqdm-like factory (e.g. ``ctx.pbar``).
+    run. ``last.pt`` is loaded by :func:`kexue.train.checkpoint.load_checkpoint`: its CRC-32s are checked and
+    it is unpickled with ``weights_only=True``, so a corrupt or crafted file is refused with a
+    ``CheckpointError`` naming it; whether ``last.pt`` can be written is checked before the first step.
+    ``stop_after`` ends the call early after that many total steps (used to test resuming). ``progress`` is a
+    bool or a tqdm-like factory (e.g. ``ctx.pbar``).
 
     A batch in which masking selected no position has no loss: its step makes no optimizer update (no
     weight decay or momentum move), while the schedule still advances and the batch is still drawn, so the
@@ -303,8 +302,11 @@ def train_mlm(model: nn.Module, stream: TokenStream, vocab: MaskingVocab, *, ste
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup, min_lr_ratio))
     history: dict[str, Any] = {"loss": [], "skipped": [], "steps": 0}
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
+    if ckpt is not None:
+        check_output_file(ckpt, what="checkpoint")    # a folder there, or an unwritable one, fails now
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        # CRC-checked, weights_only=True (no code runs), errors name the file: see kexue.train.checkpoint
+        state = load_checkpoint(ckpt, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -317,9 +319,9 @@ def train_mlm(model: nn.Module, stream: TokenStream, vocab: MaskingVocab, *, ste
 
     def save() -> None:
         if ckpt is not None:
-            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "generator": generator.get_state(),
-                          "history": history, **_get_rng_states()}, ckpt)
+            save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "generator": generator.get_state(),
+                                   "history": history, **_get_rng_states()})
 
     bar_factory = progress if callable(progress) else None
     if bar_factory is None:
