@@ -490,3 +490,202 @@ def test_cli_on_real_fashion_mnist(data_dir, tmp_path, capsys):
     hist = json.loads(out.read_text())["history"]
     assert len(hist) == 2 and hist[1]["train_loss"] < hist[0]["train_loss"] < math.log(10) + 0.5
     assert 0 <= hist[1]["test_acc"] <= 1 and math.isfinite(hist[1]["test_loss"])
+
+
+# ----------------------------------------------------------------- resume: the whole run must match (issue 18)
+
+def _ck_config(ck, **kw):
+    return TrainConfig(epochs=2, batch_size=16, progress=False, checkpoint_dir=str(ck), **kw)
+
+
+def test_fit_resume_refuses_other_data_model_or_run_info(tmp_path):
+    from kexue.train.checkpoint import CheckpointError
+
+    x, y = blobs(n=32)
+    info = {"dataset": "a", "sizes": (32, 32)}
+    fit(mlp(), (x, y), _ck_config(tmp_path, run_info=info), eval_data=(x, y))
+    refusals = [  # (train, eval, model, run_info) -> what the message names
+        ((x + 1, y), (x, y), mlp(), info, "training data: different tensors"),
+        ((x, y), (x[:8], y[:8]), mlp(), info, "evaluation data: different tensors"),
+        ((x, y), None, mlp(), info, "evaluation data: given then but not now"),
+        ((x, y), (x, y), mlp(), {**info, "dataset": "b"}, "dataset: checkpoint 'a', now 'b'"),
+        ((x, y), (x, y), mlp(), {"dataset": "a"}, "sizes: checkpoint [32, 32], now (not set)"),
+        ((x, y), (x, y), torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)), info,
+         "model: tensor '0.weight' is torch.float32 [16, 6] in the checkpoint, torch.float32 [8, 6] now"),
+    ]
+    for train, evald, net, run_info, named in refusals:
+        with pytest.raises(CheckpointError) as err:
+            fit(net, train, _ck_config(tmp_path, resume=True, run_info=run_info), eval_data=evald)
+        assert named in str(err.value) and str(tmp_path / "checkpoint.pt") in str(err.value), named
+    h = fit(mlp(), (x, y), _ck_config(tmp_path, resume=True, run_info={"sizes": [32, 32], "dataset": "a"}),
+            eval_data=(x, y))
+    assert h.resumed_from == 2
+
+
+def test_fit_resume_refuses_a_checkpoint_that_does_not_record_the_run(tmp_path):
+    from kexue.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    x, y = blobs(n=32)
+    fit(mlp(), (x, y), _ck_config(tmp_path))
+    p = tmp_path / "checkpoint.pt"
+    state = load_checkpoint(p)
+    for k in ("run_info", "data", "model_signature"):
+        del state[k]
+    state["format"] = 1  # what kexue wrote before the run's data and settings were recorded
+    save_checkpoint(p, state)
+    with pytest.raises(CheckpointError, match="format 1"):
+        fit(mlp(), (x, y), _ck_config(tmp_path, resume=True))
+
+
+def test_run_info_must_be_plain_data():
+    assert TrainConfig(run_info={"a": (1, 2), "b": {"c": None}}).run_info == {"a": [1, 2], "b": {"c": None}}
+    for bad in ({"a": object()}, {"a": float("nan")}, {1: "x"}, ["a"]):
+        with pytest.raises(TypeError, match="run_info"):
+            TrainConfig(run_info=bad)
+
+
+def test_fit_checks_the_checkpoint_path_before_training(tmp_path):
+    (tmp_path / "checkpoint.pt").mkdir()
+    epochs_run = []
+    with pytest.raises(ValueError, match="is a folder") as err:
+        fit(mlp(), blobs(n=32), _ck_config(tmp_path), metrics_fn=lambda m, e: epochs_run.append(e) or {})
+    assert epochs_run == [] and str(tmp_path / "checkpoint.pt") in str(err.value)
+
+
+# ---------------------------------------------------------------------------- the CLI (issue 18)
+
+def _tiny(*extra):
+    return ["--dataset", "synthetic", "--width", "4", "--epochs", "1", "--batch-size", "64", "--train-size", "128",
+            "--test-size", "64", "--lr", "0.05", "--no-progress", *extra]
+
+
+def _one_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag,value", [("--train-size", "-5"), ("--test-size", "-1"), ("--train-size", "0"),
+                                        ("--epochs", "0"), ("--batch-size", "-2"), ("--width", "0"),
+                                        ("--threads", "0"), ("--seed", "-1"), ("--data-seed", str(2**64)),
+                                        ("--lr", "nan"), ("--momentum", "1"), ("--weight-decay", "-1e-4")])
+def test_cli_refuses_bad_numbers_at_parse_time(flag, value, capsys):
+    from kexue.train.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(_tiny(f"{flag}={value}"))
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"argument {flag}: must be" in _one_line(err) and repr(value) in err
+
+
+def test_kexue_train_names_itself_and_fails_in_one_line(tmp_path, capsys):
+    from kexue.cli import main as kexue
+
+    with pytest.raises(SystemExit) as exit_:
+        kexue(["train", *_tiny("--train-size", "-5")])
+    assert exit_.value.code == 2
+    assert _one_line(capsys.readouterr().err).startswith("kexue train: error: argument --train-size")
+    for args, named in ((["--device", "tpu"], "--device"), (["--resume"], "--resume"),
+                        (["--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere")], "--data-dir"),
+                        (["--warmup-epochs", "3"], "--warmup-epochs")):
+        assert kexue(["train", *_tiny(*args)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and _one_line(err).startswith(f"kexue train: error: argument {named}"), args
+
+
+def test_cli_resume_refuses_a_run_with_other_settings(tmp_path, capsys):
+    from kexue.train.__main__ import main
+
+    ck = tmp_path / "ck"
+    assert main(_tiny("--checkpoint-dir", str(ck))) == 0
+    capsys.readouterr()
+    for args, named in ((["--data-seed", "1"], "data_seed: checkpoint 0, now 1"),
+                        (["--augment", "crop"], "augment: checkpoint 'none', now 'crop'"),
+                        (["--train-size", "192"], "train_size: checkpoint 128, now 192"),
+                        (["--test-size", "32"], "test_size: checkpoint 64, now 32"),
+                        (["--width", "8"], "width: checkpoint 4, now 8"),
+                        (["--lr", "0.1"], "lr: checkpoint 0.05, now 0.1")):
+        assert main(_tiny("--checkpoint-dir", str(ck), "--resume", *args)) == 2, args
+        out, err = capsys.readouterr()
+        line = _one_line(err)
+        assert "final:" not in out and named in line and str(ck / "checkpoint.pt") in line, (args, line)
+        assert line.startswith("python -m kexue.train: error: argument --resume: cannot resume from")
+    assert main(_tiny("--checkpoint-dir", str(ck), "--resume")) == 0  # the same run resumes
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_cli_resume_refuses_another_dataset(data_dir, tmp_path, capsys):
+    """The audit's case: a Fashion-MNIST checkpoint resumed with --dataset mnist (same shapes and classes)."""
+    from kexue.train.__main__ import main
+
+    ck = tmp_path / "ck"
+    args = ["--data-dir", str(data_dir), "--checkpoint-dir", str(ck)]
+    assert main(_tiny("--dataset", "fashion-mnist", *args)) == 0
+    capsys.readouterr()
+    assert main(_tiny("--dataset", "mnist", "--resume", *args)) == 2
+    out, err = capsys.readouterr()
+    assert "final:" not in out
+    assert "dataset: checkpoint 'fashion-mnist', now 'mnist'" in _one_line(err)
+
+
+def test_cli_resume_refuses_a_corrupt_checkpoint(tmp_path, capsys):
+    from kexue.train.__main__ import main
+    from kexue.train.checkpoint import load_checkpoint
+
+    ck = tmp_path / "ck"
+    p = ck / "checkpoint.pt"
+    assert main(_tiny("--checkpoint-dir", str(ck))) == 0
+    w = load_checkpoint(p)["model"]["fc.weight"]
+    good = p.read_bytes()
+    at = good.find(w.numpy().tobytes())
+    assert at > 0
+    flipped = bytearray(good)
+    flipped[at + 3] ^= 0x01
+    for data, why in ((bytes(flipped), "CRC"), (good[:len(good) // 3], "truncated"), (b"", "empty")):
+        p.write_bytes(data)
+        capsys.readouterr()
+        assert main(_tiny("--checkpoint-dir", str(ck), "--resume")) == 2
+        out, err = capsys.readouterr()
+        line = _one_line(err)
+        assert "final:" not in out and why in line and str(p) in line, line
+
+
+def test_cli_resume_without_a_checkpoint_says_so(tmp_path, capsys):
+    from kexue.train.__main__ import main
+
+    typo = tmp_path / "runz"
+    assert main(_tiny("--checkpoint-dir", str(typo), "--resume")) == 0
+    out, err = capsys.readouterr()
+    assert f"no checkpoint at {typo / 'checkpoint.pt'}" in _one_line(err) and "starting from scratch" in err
+    assert "final:" in out and (typo / "checkpoint.pt").is_file()
+
+
+def test_cli_checks_output_paths_before_training(tmp_path, capsys):
+    import os
+
+    from kexue.train.__main__ import main
+
+    (tmp_path / "ck" / "checkpoint.pt").mkdir(parents=True)
+    (tmp_path / "h.json").mkdir()
+    (tmp_path / "afile").write_text("x")
+    too_long = "h" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 4) + ".json"
+    for args, named in ((["--checkpoint-dir", str(tmp_path / "ck")], "--checkpoint-dir"),
+                        (["--history-json", str(tmp_path / "h.json")], "--history-json"),
+                        (["--history-json", str(tmp_path / "afile" / "h.json")], "--history-json"),
+                        (["--history-json", str(tmp_path / too_long)], "--history-json")):
+        assert main(_tiny(*args)) == 2, args
+        out, err = capsys.readouterr()
+        assert out == "", args  # refused before the data is loaded or a step is taken
+        assert _one_line(err).startswith(f"python -m kexue.train: error: argument {named}: "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ck", "h.json"]
+    ok = tmp_path / "out" / ("h" * 200 + ".json")
+    assert main(_tiny("--history-json", str(ok))) == 0 and ok.is_file()
+
+
+def test_cli_diverging_loss_is_one_line(capsys):
+    from kexue.train.__main__ import main
+
+    assert main(_tiny("--lr", "1e30")) == 1
+    assert "training diverged: training loss became nan" in _one_line(capsys.readouterr().err)

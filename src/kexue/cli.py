@@ -191,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from .train.__main__ import main as train_main
 
-    return int(train_main(rest) or 0)
+    return int(train_main(rest, prog="kexue train") or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ world size so the chunks stay equal.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -34,7 +35,13 @@ from torch.nn import functional as F
 
 from kexue._checks import check_choice
 from kexue.train import distributed as D
-from kexue.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from kexue.train.checkpoint import (
+    CheckpointError,
+    check_output_file,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = ["TrainConfig", "TrainHistory", "fit", "evaluate", "lr_factor", "derive_seed"]
 
@@ -45,6 +52,7 @@ _AMP = (None, "bf16")
 _TRAJECTORY_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
                       "warmup_epochs", "seed", "drop_last", "nesterov", "grad_clip", "amp", "min_lr_ratio",
                       "betas")
+_FORMAT = 2  # 2: the checkpoint also records run_info, the data digests and the model's tensor shapes
 
 
 @dataclass
@@ -60,6 +68,11 @@ class TrainConfig:
     - ``device``: ``"cpu"``, ``"cuda"`` (under torchrun each rank takes ``cuda:LOCAL_RANK``) or ``"cuda:N"``.
     - ``checkpoint_dir``: when set, ``checkpoint.pt`` is written there atomically after every epoch;
       ``resume=True`` continues from it when it exists.
+    - ``run_info``: the settings that shape the result but that :func:`fit` does not see, as a dict of plain
+      values (str keys; None, bool, int, finite float, str, and lists/dicts of them), e.g. the dataset's name,
+      subset sizes and seed, the augmentation, the model. It is stored in the checkpoint, and resuming refuses a
+      checkpoint whose ``run_info`` differs, naming the keys (the training/evaluation tensors and the model's
+      tensor shapes are compared as well, without being named here).
     - ``progress``: a tqdm bar (rank 0 only); ``log``: one metrics line per epoch on stdout (rank 0 only;
       default: the same as ``progress``).
     - ``eval_batch_size``; ``grad_clip`` (max global grad norm, or None); ``amp``: None or ``"bf16"``
@@ -92,6 +105,7 @@ class TrainConfig:
     grad_clip: float | None = None
     amp: str | None = None
     min_lr_ratio: float = 0.0
+    run_info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -148,6 +162,9 @@ class TrainConfig:
             raise TypeError(f"checkpoint_dir must be a path or None, got {type(self.checkpoint_dir).__name__}")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
+        if not isinstance(self.run_info, dict):
+            raise TypeError(f"run_info must be a dict, got {type(self.run_info).__name__}")
+        self.run_info = _plain_info(self.run_info, "run_info")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python copy (stored in checkpoints)."""
@@ -156,6 +173,27 @@ class TrainConfig:
         d["device"] = str(self.device)
         d["checkpoint_dir"] = None if self.checkpoint_dir is None else str(self.checkpoint_dir)
         return d
+
+
+def _plain_info(value: Any, where: str) -> Any:
+    """``value`` as plain data (tuples become lists), or a TypeError naming where it is not."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError(f"{where} must be a finite number, got {value!r}")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain_info(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} keys must be strings, got {k!r}")
+            out[k] = _plain_info(v, f"{where}[{k!r}]")
+        return out
+    raise TypeError(f"{where} must hold only None, bool, int, float, str, lists and dicts, "
+                    f"got {type(value).__name__}")
 
 
 @dataclass
@@ -372,19 +410,95 @@ def evaluate(model: nn.Module, data: Any, *, batch_size: int = 1024, device: str
     return {"test_loss": loss, "test_acc": acc, "test_error": 1.0 - acc}
 
 
-def _check_compatible(state: dict[str, Any], config: TrainConfig, world: int, steps: int, path: Path) -> None:
-    saved = state.get("config", {})
+def _data_digest(data: Any) -> str | None:
+    """sha256 over the dtypes, shapes and bytes of an ``(x, y)`` tensor pair; None for a Dataset."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
+        return None
+    h = hashlib.sha256()
+    for t in data:
+        t = t.detach()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        flat = t.reshape(-1).contiguous().cpu()
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _model_signature(model: nn.Module, loss_module: nn.Module | None) -> dict[str, list[Any]]:
+    """``{state-dict key: [dtype, shape]}`` of the model (and of a loss with parameters, prefixed ``loss_fn.``)."""
+    sig = {k: [str(v.dtype), list(v.shape)] for k, v in model.state_dict().items()}
+    if loss_module is not None:
+        sig.update({f"loss_fn.{k}": [str(v.dtype), list(v.shape)] for k, v in loss_module.state_dict().items()})
+    return sig
+
+
+def _signature_diff(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    missing = [k for k in saved if k not in now]
+    extra = [k for k in now if k not in saved]
+    changed = [k for k in saved if k in now and list(saved[k]) != list(now[k])]
+    parts = []
+    if changed:
+        k = changed[0]
+        parts.append(f"tensor {k!r} is {saved[k][0]} {saved[k][1]} in the checkpoint, {now[k][0]} {now[k][1]} now"
+                     + (f" (+{len(changed) - 1} more)" if len(changed) > 1 else ""))
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) of the checkpoint are not in the model now (e.g. {missing[0]!r})")
+    if extra:
+        parts.append(f"{len(extra)} tensor(s) of the model now are not in the checkpoint (e.g. {extra[0]!r})")
+    return ", ".join(parts) or None
+
+
+_ABSENT = object()
+
+
+def _show(v: Any) -> str:
+    return "(not set)" if v is _ABSENT else repr(v)
+
+
+def _check_compatible(state: dict[str, Any], config: TrainConfig, world: int, steps: int, path: Path,
+                      digests: dict[str, str | None], signature: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` naming every way this run differs from the one that wrote ``state``."""
+    fmt = state.get("format")
+    if fmt != _FORMAT:
+        if fmt == 1:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written by an earlier kexue (checkpoint format 1), which did not "
+                "record the data, the model and the run settings, so this run cannot be checked against it; "
+                "start afresh (without resume, or in another checkpoint folder)")
+        raise CheckpointError(f"cannot resume from {path}: not a checkpoint written by kexue.train.fit "
+                              f"(format {fmt!r}, expected {_FORMAT})")
+    need = ("epoch", "model", "optimizer", "scheduler", "history", "config", "run_info", "data", "model_signature")
+    lacking = [k for k in need if k not in state]
+    if lacking:
+        raise CheckpointError(f"cannot resume from {path}: the checkpoint lacks {', '.join(lacking)}")
+    saved = state["config"]
+    now_cfg = config.to_dict()
     diffs = []
     for k in _TRAJECTORY_FIELDS:
-        now = config.to_dict()[k]
-        if k in saved and saved[k] != now:
-            diffs.append(f"{k}: checkpoint {saved[k]!r} vs now {now!r}")
-    if state.get("world_size", 1) != world:
-        diffs.append(f"world_size: checkpoint {state.get('world_size')} vs now {world}")
+        old = saved.get(k, _ABSENT)
+        if old != now_cfg[k]:
+            diffs.append(f"{k}: checkpoint {_show(old)}, now {now_cfg[k]!r}")
+    old_info, new_info = state["run_info"], config.run_info
+    for k in list(old_info) + [k for k in new_info if k not in old_info]:
+        old, new = old_info.get(k, _ABSENT), new_info.get(k, _ABSENT)
+        if old != new:
+            diffs.append(f"{k}: checkpoint {_show(old)}, now {_show(new)}")
+    if state.get("world_size") != world:
+        diffs.append(f"world_size: checkpoint {state.get('world_size')}, now {world}")
     if state.get("steps_per_epoch") != steps:
-        diffs.append(f"steps_per_epoch (training-set size): checkpoint {state.get('steps_per_epoch')} vs now {steps}")
+        diffs.append(f"steps_per_epoch (training-set size): checkpoint {state.get('steps_per_epoch')}, now {steps}")
+    for key, label in (("train", "training data"), ("eval", "evaluation data")):
+        old, new = state["data"].get(key, _ABSENT), digests[key]
+        if old != new:
+            how = ("given now but not then" if old is None else "given then but not now" if new is None
+                   else "different tensors")
+            diffs.append(f"{label}: {how}")
+    model_diff = _signature_diff(state["model_signature"], signature)
+    if model_diff:
+        diffs.append(f"model: {model_diff}")
     if diffs:
-        raise ValueError(f"cannot resume from {path}: the run differs from the checkpoint in " + "; ".join(diffs))
+        raise CheckpointError(f"cannot resume from {path}: the run differs from the checkpoint in "
+                              + "; ".join(diffs))
 
 
 def _print(msg: str) -> None:
@@ -430,8 +544,13 @@ def fit(model: nn.Module, train: Any, config: TrainConfig | None = None, *,
       (called on every rank, rank 0's kept; the next epoch sets train mode again).
 
     With ``config.checkpoint_dir`` an atomic checkpoint (model, loss parameters, optimizer, scheduler, epoch,
-    history, config) is written after every epoch by rank 0; ``config.resume=True`` continues from it and
-    reaches the same final weights as an uninterrupted run. Under ``torchrun`` the model is wrapped in DDP
+    history, config with its ``run_info``, sha256 digests of the ``train`` and ``eval_data`` tensors, the
+    model's tensor shapes) is written after every epoch by rank 0; before the first epoch ``fit`` checks that
+    it can be written there (``ValueError`` naming the path otherwise). ``config.resume=True`` continues from
+    it and reaches the same final weights as an uninterrupted run; a checkpoint that is corrupt, or that was
+    written by a run differing in any hyper-parameter of the trajectory, ``run_info``, the data, the world size
+    or the model's shapes, is refused with a :class:`~kexue.train.checkpoint.CheckpointError` (a
+    ``ValueError``) naming the file and every difference. Under ``torchrun`` the model is wrapped in DDP
     (gloo on CPU, NCCL on CUDA) and ``config.batch_size`` is the global batch. The model is returned in
     eval mode.
 
@@ -499,9 +618,16 @@ def fit(model: nn.Module, train: Any, config: TrainConfig | None = None, *,
     start_epoch = 0
     resumed_from = None
     ckpt = checkpoint_path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    digests: dict[str, str | None] = {}
+    signature: dict[str, Any] = {}
+    if ckpt is not None:
+        if main:  # before any training: a checkpoint that cannot be written fails now, not after an epoch
+            check_output_file(ckpt, what="checkpoint")
+        digests = {"train": _data_digest(train), "eval": _data_digest(eval_data)}
+        signature = _model_signature(model, loss_module)
     if config.resume and ckpt is not None and ckpt.is_file():
         state = load_checkpoint(ckpt, map_location=device)
-        _check_compatible(state, config, world, steps, ckpt)
+        _check_compatible(state, config, world, steps, ckpt, digests, signature)
         model.load_state_dict(state["model"])
         if loss_module is not None and state.get("loss_fn") is not None:
             loss_module.load_state_dict(state["loss_fn"])
@@ -550,10 +676,11 @@ def fit(model: nn.Module, train: Any, config: TrainConfig | None = None, *,
         history.append(record)
         if ckpt is not None and main:
             save_checkpoint(ckpt, {
-                "format": 1, "epoch": epoch + 1, "model": model.state_dict(),
+                "format": _FORMAT, "epoch": epoch + 1, "model": model.state_dict(),
                 "loss_fn": loss_module.state_dict() if loss_module is not None else None,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "history": history, "config": config.to_dict(), "world_size": world, "steps_per_epoch": steps,
+                "run_info": config.run_info, "data": digests, "model_signature": signature,
                 "rng": {"seed": config.seed, "scheme": "derive_seed(seed, epoch, stream, rank)"},
             })
         D.barrier()
