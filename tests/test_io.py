@@ -136,3 +136,19 @@ def test_check_target_names_what_is_wrong_before_any_work(tmp_path):
         with pytest.raises(ValueError, match=what):
             check_target(bad)
     check_target(tmp_path / ("n" * 255))
+
+
+def test_check_runs_on_the_written_file_before_the_rename(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    seen = []
+
+    def bad(p: Path) -> None:
+        seen.append((is_tmp_name(p.name), p.read_bytes()))
+        raise ValueError("hash mismatch")
+
+    with pytest.raises(ValueError, match="hash mismatch"):
+        atomic_write(target, lambda f: f.write(b"new"), check=bad)
+    assert seen == [(True, b"new")] and target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+    atomic_write(target, lambda f: f.write(b"new"), check=lambda p: None)
+    assert target.read_bytes() == b"new"

@@ -232,12 +232,14 @@ def check_target(path: str | os.PathLike) -> Path:
     return p
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *,
+                 check: Callable[[Path], Any] | None = None) -> Path:
     """Call ``write(f)`` on a binary temporary file beside ``path``, then move it into place atomically.
 
     The temporary file is ``.kx-XXXXXXXX.tmp`` in ``path``'s folder (so the target's name may be as long as
-    the file system allows); it is locked while written, removed if ``write`` raises, and removed by a later
-    write into the same folder if the process is killed. The new file's mode follows the umask.
+    the file system allows); it is locked while written, removed if ``write`` (or ``check``, called with the
+    temporary file's path once it is written, e.g. to verify a hash) raises, and removed by a later write into
+    the same folder if the process is killed. The new file's mode follows the umask.
 
     Example:
         >>> import tempfile, pathlib
@@ -258,6 +260,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         write(f)
         f.flush()
         os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         if fcntl is None:  # pragma: no cover - Windows cannot rename an open file
             f.close()
         os.replace(tmp, path)  # renamed while still locked: a sweeper never sees it unlocked and finished

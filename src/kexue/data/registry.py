@@ -22,13 +22,14 @@ import gzip
 import hashlib
 import os
 import stat
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .._io import atomic_write
 
 ENV_DATA_DIR = "KEXUE_DATA_DIR"
 ENV_CACHE_DIR = "KEXUE_CACHE_DIR"
@@ -358,23 +359,17 @@ def download(url: str, dest: Path, spec: FileSpec, *, progress: bool = True, tim
     """
     from tqdm.auto import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+    def fetch(out) -> None:  # noqa: ANN001
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
                       disable=not progress, leave=False) as bar:
                 for block in iter(lambda: resp.read(1 << 16), b""):
                     out.write(block)
                     bar.update(len(block))
-        verify_file(tmp, spec)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dest
+
+    # streamed into a locked .kx-XXXXXXXX.tmp beside dest (a killed download's is removed by a later write there)
+    return atomic_write(dest, fetch, check=lambda tmp: verify_file(tmp, spec))
 
 
 def resolve_file(dataset: str, filename: str, data_dir: str | os.PathLike | None = None, *,
