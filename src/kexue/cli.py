@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from ._io import atomic_write
+from ._io import atomic_write, printable
 
 
 def _resolve_device(name: str) -> str:
@@ -53,6 +53,22 @@ def _machine() -> str:
             f"{gpu}; Python {env['python']}, torch {env['torch']}")
 
 
+def _err(text: str) -> None:
+    """One message on stderr; a path that is not UTF-8 in it is shown with ``\\xNN`` escapes."""
+    print(printable(text), file=sys.stderr, flush=True)
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer in [0, 2**63); the studies add small offsets to it, and torch takes < 2**64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {value}")
+    return value
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .bench import load_all as load_benches
     from .data import DATASETS, where
@@ -66,7 +82,7 @@ def cmd_list(args: argparse.Namespace) -> int:
               f"data: {', '.join(spec.datasets) or 'generated'}")
     print("\nDatasets (resolution: --data-dir / KEXUE_DATA_DIR -> ~/.cache/kexue -> download):")
     for name, spec in DATASETS.items():
-        print(f"  {name:<16} {where(name, args.data_dir):<58} {spec.description}")
+        print(f"  {name:<16} {printable(where(name, args.data_dir)):<58} {spec.description}")
     print("\nBenchmarks (kexue bench NAME):")
     for name in sorted(load_benches()):
         print(f"  {name}")
@@ -87,7 +103,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"kexue: unknown study {', '.join(unknown)}; known: {', '.join(sorted(STUDIES))}", file=sys.stderr)
         return 2
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        print(f"kexue: --data-dir {args.data_dir} is not a folder", file=sys.stderr)
+        _err(f"kexue: --data-dir {args.data_dir} is not a folder")
         return 2
     mode = "full" if args.full else "quick"
     device = _resolve_device(args.device)
@@ -95,11 +111,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     try:
         builder = ReportBuilder(args.out)
     except ValueError as exc:
-        print(f"kexue: --out: {exc}", file=sys.stderr)
+        _err(f"kexue: --out: {exc}")
         return 2
     except OSError as exc:
-        print(f"kexue: --out {args.out}: cannot write there ({exc.strerror or exc})", file=sys.stderr)
+        _err(f"kexue: --out {args.out}: cannot write there ({exc.strerror or exc})")
         return 2
+    for note in builder.notes:
+        _err(f"kexue: --out: {note}")
     runs_dir = None
     if not args.no_resume and (args.full or args.runs_dir):
         from .data.registry import cache_dir
@@ -109,9 +127,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     failed = []
     t_start = time.perf_counter()
     print(f"kexue reproduce: {len(names)} stud{'y' if len(names) == 1 else 'ies'} ({mode}) on {device} "
-          f"-> {Path(args.out).resolve()}", flush=True)
+          f"-> {printable(str(builder.out_dir))}", flush=True)
     if runs_dir is not None:
-        print(f"finished runs are kept in {runs_dir} and reused on a rerun (--no-resume recomputes them)", flush=True)
+        print(f"finished runs are kept in {printable(str(runs_dir))} and reused on a rerun (--no-resume "
+              "recomputes them)", flush=True)
     for i, name in enumerate(names, 1):
         spec = STUDIES[name]
         budget = f"quick budget {spec.quick_budget_s:.0f} s" if mode == "quick" else f"full: {spec.full_time}"
@@ -127,13 +146,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         except Exception as exc:  # a failing study is reported, the others still run
             failed.append(name)
             tb = traceback.format_exc()
-            print(tb, file=sys.stderr)
+            _err(tb)
             result = Result(study=name, title=spec.title, article=f"article {spec.article}",
                             claim="(study failed before reporting its claim)", verdict="not tested",
                             verdict_detail=f"the study raised {type(exc).__name__}: {exc}",
                             notes=[tb[-2000:]], wall_time_s=time.perf_counter() - t0, mode=mode)
         results.append(result)
-        print(f"    {result.verdict}: {result.verdict_detail[:300]}  ({result.wall_time_s:.1f} s)", flush=True)
+        print(printable(f"    {result.verdict}: {result.verdict_detail[:300]}  ({result.wall_time_s:.1f} s)"),
+              flush=True)
     total = time.perf_counter() - t_start
     meta = {
         "mode": mode, "seed": args.seed, "device": device, "studies": names,
@@ -142,8 +162,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         "machine": _machine(), "total_time_s": total, "failed": failed, "environment": environment(),
         "data_dir": args.data_dir or os.environ.get("KEXUE_DATA_DIR"),
     }
-    out = builder.commit(results, meta)
-    print(f"report: {out / 'index.html'} ({total:.0f} s in all)")
+    try:
+        out = builder.commit(results, meta)
+    except ValueError as exc:  # --out changed while the studies ran; the report is kept elsewhere
+        _err(f"kexue: --out: {exc}")
+        return 2
+    print(f"report: {printable(str(out / 'index.html'))} ({total:.0f} s in all)")
     if failed:
         print(f"kexue: {len(failed)} stud{'y' if len(failed) == 1 else 'ies'} failed: {', '.join(failed)}",
               file=sys.stderr)
@@ -209,9 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="small, fast configuration (the default)")
     g.add_argument("--full", action="store_true", help="the full configuration (see `kexue list` for times)")
     pr.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $KEXUE_DATA_DIR)")
-    pr.add_argument("--out", default="report", help="report folder, replaced atomically; must be new, empty or an "
-                                                    "earlier report (default: report)")
-    pr.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
+    pr.add_argument("--out", default="report",
+                    help="report folder, replaced atomically; must be new, empty or an earlier report (which "
+                         "kexue recognises by its .kexue-report marker), and not the current folder or one "
+                         "holding it (default: report)")
+    pr.add_argument("--seed", type=_seed, default=0, help="base random seed, 0 to 2**63 - 1 (default: 0)")
     pr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     pr.add_argument("--no-progress", action="store_true", help="hide progress bars")
     pr.add_argument("--runs-dir", default=None,

@@ -2,23 +2,30 @@
 
 The HTML page needs nothing but the folder (no CDN, no script). The folder is built under a temporary name
 beside the target and swapped in at the end, so a reader never sees a half-written report and rerunning into
-the same folder replaces it whole.
+the same folder replaces it whole. A report carries a ``.kexue-report`` marker listing its files and their
+sha256; only such a folder, holding nothing else, is ever replaced. Text that is not valid UTF-8 (a path
+given in another encoding) is written with ``\\xNN`` escapes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import html
 import json
 import math
 import os
 import platform
+import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ._io import default_mode, printable
 from .studies.base import Result, Table
 
 _CSS = """
@@ -142,28 +149,213 @@ def render_html(results: Sequence[Result], meta: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-_REPORT_FILES = frozenset({"figures", "index.html", "results.json", "results.md"})
+# What reports written before the marker existed hold (kexue <= 0.x without ``.kexue-report``).
+_LEGACY_FILES = frozenset({"figures", "index.html", "results.json", "results.md"})
+MARKER = ".kexue-report"
+_MARKER_FORMAT = 1
+# .kx-old-<tag>-<pid>-<ns>: an earlier report moved aside during the swap; .kx-<tag>-<pid>-XXXXXXXX.tmp: a
+# report being built. <tag> is 8 hex digits of the report folder's name, so the names stay short.
+_OLD_RE = re.compile(r"^\.kx-old-([0-9a-f]{8})-(\d+)-(\d+)$")
+_BUILD_RE = re.compile(r"^\.kx-([0-9a-f]{8})-(\d+)-[a-z0-9_]{8}\.tmp$")
+
+
+def _name_tag(name: str) -> str:
+    return hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still run (True when unsure: nothing of a live process is ever touched)."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix" or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _show(path: Path) -> str:
+    return repr(printable(str(path)))
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of the report in ``folder``: ``{"files": {relative path: sha256}, "name": ...}``, or None."""
+    marker = folder / MARKER
+    try:
+        if not stat.S_ISREG(os.lstat(marker).st_mode):
+            return None
+        data = json.loads(marker.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("kexue_report") != _MARKER_FORMAT:
+        return None
+    files = data.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return None
+    return data
+
+
+def _foreign_entries(folder: Path, files: dict[str, str], dirs: Sequence[str] = ()) -> list[str]:
+    """What in ``folder`` the report whose marker lists ``files`` and ``dirs`` did not write (or that changed
+    since)."""
+    dirs = {d for d in dirs if isinstance(d, str)} | {str(p) for f in files for p in PurePosixPath(f).parents}
+    foreign: list[str] = []
+    for root, dirnames, filenames in os.walk(folder):
+        rel_root = Path(root).relative_to(folder).as_posix()
+        rel_root = "" if rel_root == "." else rel_root
+        for d in list(dirnames):
+            rel = f"{rel_root}/{d}" if rel_root else d
+            if Path(root, d).is_symlink() or rel not in dirs:
+                foreign.append(rel + ("" if Path(root, d).is_symlink() else "/"))
+                dirnames.remove(d)
+        for name in filenames:
+            rel = f"{rel_root}/{name}" if rel_root else name
+            if rel == MARKER:
+                continue
+            p = Path(root, name)
+            try:
+                ok = (rel in files and stat.S_ISREG(os.lstat(p).st_mode) and _sha256_file(p) == files[rel])
+            except OSError:
+                ok = False
+            if not ok:
+                foreign.append(rel + ("" if rel not in files else " (changed since kexue wrote it)"))
+    return sorted(foreign)
+
+
+def _looks_like_legacy_report(folder: Path, names: list[str]) -> bool:
+    """Whether ``folder`` looks like a report written before the marker existed (for the message only: such a
+    folder is refused all the same)."""
+    if "results.json" not in names or not set(names) <= _LEGACY_FILES:
+        return False
+    try:
+        figures = os.listdir(folder / "figures") if "figures" in names else []
+        if not all(n.endswith(".png") for n in figures) or (folder / "results.json").stat().st_size > 1 << 26:
+            return False
+        data = json.loads((folder / "results.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"meta", "results"} <= set(data)
+
+
+def _check_not_cwd(out_dir: Path) -> None:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current folder was deleted: nothing to protect
+        return
+    if cwd == out_dir or out_dir in cwd.parents:
+        raise ValueError(f"out_dir {_show(out_dir)} is the current folder or holds it; the report replaces its "
+                         "folder whole, so give a folder outside the one you are in")
 
 
 def _check_replaceable(out_dir: Path) -> None:
-    """Raise ValueError unless ``out_dir`` is absent, an empty folder or an earlier report (only the files a
-    report holds, and its ``results.json``): replacing it must never delete anything else."""
-    if not out_dir.exists() and not out_dir.is_symlink():
+    """Raise ValueError unless ``out_dir`` is absent, an empty folder or an earlier report: a folder holding
+    the ``.kexue-report`` marker and nothing but the files that marker lists, unchanged. Replacing it must
+    never delete anything else."""
+    try:
+        st = os.lstat(out_dir)
+    except FileNotFoundError:
         return
-    if out_dir.is_symlink() or not out_dir.is_dir():
-        raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a folder; give a new folder or an earlier report")
-    names = {p.name for p in out_dir.iterdir()}
-    if names and (not names <= _REPORT_FILES or "results.json" not in names):
-        extra = sorted(names - _REPORT_FILES)[:5] or ["(no results.json)"]
-        raise ValueError(f"out_dir {str(out_dir)!r} holds files that are not a kexue report "
-                         f"({', '.join(extra)}); it would be replaced whole, so give a new folder or an earlier "
+    if stat.S_ISLNK(st.st_mode):
+        raise ValueError(f"out_dir {_show(out_dir)} is a symbolic link; give the folder it points to, or a new "
+                         "folder")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"out_dir {_show(out_dir)} exists and is not a folder; give a new folder or an earlier "
                          "report")
+    names = sorted(os.listdir(out_dir))
+    if not names:
+        return
+    marker = _read_marker(out_dir)
+    if marker is None:
+        if _looks_like_legacy_report(out_dir, names):
+            raise ValueError(
+                f"out_dir {_show(out_dir)} looks like a report written by an earlier kexue version, before "
+                f"reports carried a {MARKER} marker; kexue replaces only a folder it can tell it wrote, so move "
+                "or delete that folder yourself, or give another folder")
+        raise ValueError(f"out_dir {_show(out_dir)} is not a kexue report (no {MARKER} marker; it holds "
+                         f"{', '.join(printable(n) for n in names[:5])}{', ...' if len(names) > 5 else ''}); it "
+                         "would be replaced whole, so give a new folder, an empty one or an earlier report")
+    foreign = _foreign_entries(out_dir, marker["files"], marker.get("dirs") or ())
+    if foreign:
+        raise ValueError(f"out_dir {_show(out_dir)} is a kexue report but also holds files that report did not "
+                         f"write: {', '.join(printable(n) for n in foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}; it would be replaced whole, so move them out "
+                         "first or give another folder")
+
+
+def _recover(out_dir: Path) -> list[str]:
+    """Finish what a killed run left beside ``out_dir``; returns what was done, one line each.
+
+    A kill between the two renames of the swap leaves no ``out_dir`` and the earlier report under a hidden
+    name: it is moved back. Earlier reports left hidden beside a present ``out_dir`` (a kill while deleting
+    them) and report folders that were being built are deleted, once their process is gone.
+    """
+    parent, name = out_dir.parent, out_dir.name
+    tag = _name_tag(name)
+    legacy = re.compile(r"^" + re.escape("." + name) + r"\.old-(\d+)-(\d+)$")
+    olds: list[tuple[int, Path, bool]] = []
+    builds: list[Path] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return []
+    for e in entries:
+        m = _OLD_RE.match(e.name)
+        if m and m.group(1) == tag and not _pid_alive(int(m.group(2))):
+            olds.append((int(m.group(3)), Path(e.path), False))
+            continue
+        m = legacy.match(e.name)
+        if m and not _pid_alive(int(m.group(1))):
+            olds.append((int(m.group(2)) * 1000, Path(e.path), True))
+            continue
+        m = _BUILD_RE.match(e.name)
+        if m and m.group(1) == tag and not _pid_alive(int(m.group(2))):
+            builds.append(Path(e.path))
+    done: list[str] = []
+    for b in builds:
+        if b.is_dir() and not b.is_symlink():
+            shutil.rmtree(b, ignore_errors=True)
+            done.append(f"removed {_show(b)}, a report a killed run was building")
+    olds = [o for o in olds if o[1].is_dir() and not o[1].is_symlink()]
+    olds.sort(key=lambda o: o[0], reverse=True)
+    for _, path, is_legacy in olds:
+        marker = None if is_legacy else _read_marker(path)
+        if not is_legacy and marker is None:
+            continue  # not (provably) a report: left alone
+        if not os.path.lexists(out_dir):
+            os.replace(path, out_dir)
+            done.append(f"restored the earlier report {_show(out_dir)} from {_show(path)}, where a killed run "
+                        "had moved it")
+        elif not is_legacy and not _foreign_entries(path, marker["files"],  # type: ignore[index]
+                                                    marker.get("dirs") or ()):  # type: ignore[union-attr]
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {_show(path)}, an earlier report a killed run had replaced but not deleted")
+    return done
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_bytes(printable(text).encode("utf-8"))
 
 
 class ReportBuilder:
     """Builds a report in a temporary folder beside ``out_dir``; :meth:`commit` swaps it into place.
 
     ``out_dir`` must be absent, empty or an earlier report (ValueError otherwise), since it is replaced whole.
+    A report is recognised by the ``.kexue-report`` marker it writes, which lists its files with their
+    sha256: a folder holding anything else, a changed file, a report from before the marker, the current
+    folder or one holding it is refused. What a killed run left beside ``out_dir`` is tidied first (see
+    ``notes``): an earlier report moved aside mid-swap is restored, leftovers of dead runs are removed.
 
     >>> import tempfile, pathlib
     >>> from kexue.studies import Result
@@ -173,30 +365,63 @@ class ReportBuilder:
     >>> b.commit([r], {"mode": "quick"}) == out
     True
     >>> sorted(p.name for p in out.iterdir())
-    ['figures', 'index.html', 'results.json', 'results.md']
+    ['.kexue-report', 'figures', 'index.html', 'results.json', 'results.md']
     """
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
-        self.out_dir = Path(out_dir).resolve()
+        p = Path(os.path.abspath(out_dir))
+        if not p.name:
+            raise ValueError(f"out_dir {_show(p)} is a file system root; give a folder inside it")
+        # the folder's own name is kept (not resolved): a symbolic link there is refused, not followed
+        self.out_dir = p.parent.resolve() / p.name
+        _check_not_cwd(self.out_dir)
+        self.notes: list[str] = _recover(self.out_dir)
         _check_replaceable(self.out_dir)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp",
+        self._tag = _name_tag(self.out_dir.name)
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".kx-{self._tag}-{os.getpid()}-", suffix=".tmp",
                                              dir=self.out_dir.parent))
+        with contextlib.suppress(OSError):
+            os.chmod(self.tmp_dir, default_mode(directory=True))
         self.fig_dir = self.tmp_dir / "figures"
         self.fig_dir.mkdir()
 
     def commit(self, results: Sequence[Result], meta: dict[str, Any]) -> Path:
         meta = {**meta, "environment": meta.get("environment") or environment()}
         payload = {"meta": meta, "results": [r.to_dict() for r in results]}
-        (self.tmp_dir / "results.json").write_text(json.dumps(payload, indent=2, default=_json_default))
-        (self.tmp_dir / "results.md").write_text(render_markdown(results, meta))
-        (self.tmp_dir / "index.html").write_text(render_html(results, meta))
+        _write_text(self.tmp_dir / "results.json", json.dumps(payload, indent=2, default=_json_default))
+        _write_text(self.tmp_dir / "results.md", render_markdown(results, meta))
+        _write_text(self.tmp_dir / "index.html", render_html(results, meta))
+        files, dirs = {}, []
+        for root, dirnames, filenames in os.walk(self.tmp_dir):
+            dirs += [Path(root, d).relative_to(self.tmp_dir).as_posix() for d in dirnames]
+            for n in filenames:
+                f = Path(root, n)
+                if n != MARKER and stat.S_ISREG(os.lstat(f).st_mode):
+                    files[f.relative_to(self.tmp_dir).as_posix()] = _sha256_file(f)
+        from . import __version__
+
+        marker = {"kexue_report": _MARKER_FORMAT, "kexue": __version__, "name": self.out_dir.name,
+                  "dirs": sorted(dirs), "files": dict(sorted(files.items()))}
+        _write_text(self.tmp_dir / MARKER, json.dumps(marker, indent=1))
         old = None
-        _check_replaceable(self.out_dir)    # (again: something may have been put there while the studies ran)
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}-{int(time.time() * 1e6)}"
+        try:
+            _check_not_cwd(self.out_dir)
+            _check_replaceable(self.out_dir)  # (again: something may have been put there while the studies ran)
+        except ValueError as exc:
+            # keep the new report where no clean-up looks (a later run would delete a dead run's build folder)
+            kept = self.out_dir.parent / f"kexue-report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            os.replace(self.tmp_dir, kept)
+            raise ValueError(f"{exc}. The new report is kept in {_show(kept)}") from None
+        if os.path.lexists(self.out_dir):
+            old = self.out_dir.parent / f".kx-old-{self._tag}-{os.getpid()}-{time.time_ns()}"
             os.replace(self.out_dir, old)
-        os.replace(self.tmp_dir, self.out_dir)
+        try:
+            os.replace(self.tmp_dir, self.out_dir)
+        except BaseException:
+            if old is not None and not os.path.lexists(self.out_dir):
+                os.replace(old, self.out_dir)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out_dir

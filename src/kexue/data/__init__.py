@@ -28,6 +28,7 @@ from .registry import (
     DataNotFoundError,
     DatasetSpec,
     FileSpec,
+    UnreadableFileError,
     cache_dir,
     get_spec,
     resolve,
@@ -40,6 +41,7 @@ from .tokenizers import SPECIAL_TOKENS, CharTokenizer
 __all__ = [
     "SPECIAL_TOKENS", "CharTokenizer",
     "CIFAR10_CLASSES", "DATASETS", "CorruptFileError", "DataNotFoundError", "DatasetSpec", "FileSpec",
+    "UnreadableFileError",
     "cache_dir", "cifar10_source", "get_spec", "load_arxiv_titles", "load_att_faces", "load_bbc_news",
     "load_chinese_novels", "load_cifar10", "load_csl_titles", "load_digits", "load_fashion_mnist", "load_mnist",
     "load_tinyshakespeare", "load_us_speeches", "read_idx", "resolve", "resolve_file", "verify_file", "where",

@@ -2,7 +2,9 @@
 
 Images come back as ``uint8`` tensors (``[N, H, W]`` grey, ``[N, 3, H, W]`` colour) with ``int64`` labels; text
 as ``str``. Decoded results are kept in memory for the process, and slow decodes (CIFAR-10 JPEG) are also cached
-on disk in the user cache, written atomically.
+on disk in the user cache, written atomically and keyed by the archive's sha256 (a copy of the archive elsewhere
+shares the entry). An entry carries a manifest (shapes, dtypes, the sha256 of its arrays); one that cannot be
+read or does not match it is discarded with a warning and decoded again.
 """
 
 from __future__ import annotations
@@ -10,19 +12,23 @@ from __future__ import annotations
 import csv
 import functools
 import gzip
+import hashlib
 import io
+import json
 import os
 import pickle
+import re
 import struct
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .._io import atomic_write
-from .registry import cache_dir, resolve, resolve_file, where
+from .._io import atomic_write, remove_orphan, sweep_orphans
+from .registry import cache_dir, get_spec, resolve, resolve_file, where
 
 PathLike = str | os.PathLike | None
 
@@ -85,10 +91,6 @@ def load_fashion_mnist(split: str = "train", data_dir: PathLike = None) -> tuple
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
 def _decode_cifar_jpeg(archive: Path) -> dict[str, np.ndarray]:
     from PIL import Image
     from tqdm.auto import tqdm
@@ -117,6 +119,21 @@ def _decode_cifar_jpeg(archive: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 python batch and nothing else: dicts, lists, bytes and NumPy arrays only (the
+    archive's sha256 is checked first; this also refuses any other callable a tampered batch could name)."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"CIFAR-10 batch refers to {module}.{name}, which a batch never holds")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.zeros(0))[0]   # numpy's own _reconstruct, whatever its module
+        return super().find_class(module, name)
+
+
 def _read_cifar_python(archive: Path) -> dict[str, np.ndarray]:
     xs: dict[str, list] = {"train": [], "test": []}
     ys: dict[str, list] = {"train": [], "test": []}
@@ -124,12 +141,125 @@ def _read_cifar_python(archive: Path) -> dict[str, np.ndarray]:
         for member in tar:
             base = member.name.rsplit("/", 1)[-1]
             split = "train" if base.startswith("data_batch_") else "test" if base == "test_batch" else None
-            if split is None:
+            if split is None or not member.isfile():
                 continue
-            batch = pickle.load(tar.extractfile(member), encoding="bytes")  # type: ignore[arg-type]  # noqa: S301
+            batch = _CifarUnpickler(tar.extractfile(member), encoding="bytes").load()  # type: ignore[arg-type]
             xs[split].append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys[split].append(np.asarray(batch[b"labels"], dtype=np.int64))
     return {f"{s}_x": np.concatenate(xs[s]) for s in _SPLITS} | {f"{s}_y": np.concatenate(ys[s]) for s in _SPLITS}
+
+
+_DECODE_CACHE_VERSION = 2
+_CIFAR_KEYS = tuple(f"{s}_{k}" for s in _SPLITS for k in ("x", "y"))
+# names of earlier versions' entries (keyed by the archive's size and mtime) and of their temporary files
+_LEGACY_ENTRY = re.compile(r"^decoded-\d+-\d+\.npz$")
+_LEGACY_TMP = re.compile(r"^\.decoded-.*\.npz\.[a-z0-9_]{8}\.tmp$")
+
+
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _check_cifar_arrays(arrays: dict[str, np.ndarray]) -> None:
+    for s in _SPLITS:
+        x, y = arrays[f"{s}_x"], arrays[f"{s}_y"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (3, 32, 32):
+            raise ValueError(f"{s}_x is {x.dtype} {x.shape}, expected uint8 [N, 3, 32, 32]")
+        if y.dtype != np.int64 or y.shape != (x.shape[0],):
+            raise ValueError(f"{s}_y is {y.dtype} {y.shape}, expected int64 [{x.shape[0]}]")
+        if y.size and not (0 <= y.min() and y.max() < len(CIFAR10_CLASSES)):
+            raise ValueError(f"{s}_y holds labels outside 0..9")
+
+
+def _save_decoded(path: Path, arrays: dict[str, np.ndarray], archive_sha256: str) -> None:
+    """Write a decode-cache entry atomically: the arrays and a manifest of what they must be."""
+    manifest = {"version": _DECODE_CACHE_VERSION, "archive_sha256": archive_sha256,
+                "shapes": {k: list(v.shape) for k, v in arrays.items()},
+                "dtypes": {k: v.dtype.str for k, v in arrays.items()}, "sha256": _arrays_sha256(arrays)}
+    blob = np.frombuffer(json.dumps(manifest, sort_keys=True).encode(), dtype=np.uint8)
+    atomic_write(path, lambda f: np.savez(f, manifest=blob, **arrays))
+
+
+def _load_decoded(path: Path, archive_sha256: str) -> dict[str, np.ndarray]:
+    """Read a decode-cache entry; raises (anything) unless it is whole and matches its manifest."""
+    with np.load(path, allow_pickle=False) as z:
+        if set(z.files) != {"manifest", *_CIFAR_KEYS}:
+            raise ValueError(f"holds {sorted(z.files)}, expected manifest and {', '.join(_CIFAR_KEYS)}")
+        manifest = json.loads(z["manifest"].tobytes().decode("utf-8"))
+        arrays = {k: z[k] for k in _CIFAR_KEYS}
+    if manifest.get("version") != _DECODE_CACHE_VERSION or manifest.get("archive_sha256") != archive_sha256:
+        raise ValueError("written for another archive or cache version")
+    for k, a in arrays.items():
+        if list(a.shape) != manifest["shapes"][k] or a.dtype.str != manifest["dtypes"][k]:
+            raise ValueError(f"{k} is {a.dtype.str} {list(a.shape)}, the manifest says "
+                             f"{manifest['dtypes'][k]} {manifest['shapes'][k]}")
+    _check_cifar_arrays(arrays)
+    if _arrays_sha256(arrays) != manifest["sha256"]:
+        raise ValueError("its arrays do not match the sha256 in its manifest")
+    return arrays
+
+
+def _tidy_decode_cache(folder: Path, keep: Path) -> None:
+    """Delete what earlier runs left in the decode-cache folder: temporary files of a writer that was killed
+    (ours, and earlier versions'), and entries of earlier versions, which were keyed by the archive's path."""
+    sweep_orphans(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for e in entries:
+        if e.name == keep.name:
+            continue
+        if _LEGACY_TMP.match(e.name):
+            remove_orphan(Path(e.path), min_age_s=600.0)   # those writers held no lock: only long-untouched ones
+        elif _LEGACY_ENTRY.match(e.name) and e.is_file(follow_symlinks=False):
+            try:
+                os.unlink(e.path)
+            except OSError:
+                pass
+
+
+def _decoded_cifar_jpeg(archive: Path, archive_sha256: str) -> dict[str, np.ndarray]:
+    """The decoded JPEG archive, from the decode cache when it holds a good entry for this content."""
+    folder = cache_dir() / "cifar10-jpeg"
+    cached = folder / f"decoded-{archive_sha256[:16]}-v{_DECODE_CACHE_VERSION}.npz"
+    _tidy_decode_cache(folder, cached)
+    if os.path.lexists(cached):
+        try:
+            return _load_decoded(cached, archive_sha256)
+        except Exception as exc:  # noqa: BLE001 - any failure to read an entry is a miss
+            warnings.warn(f"kexue: the CIFAR-10 decode cache {cached} is damaged or unreadable "
+                          f"({type(exc).__name__}: {exc}); discarding it and decoding the archive again",
+                          RuntimeWarning, stacklevel=3)
+            if not cached.is_dir() or cached.is_symlink():
+                try:
+                    cached.unlink()
+                except OSError:
+                    pass
+    arrays = _decode_cifar_jpeg(archive)
+    _check_cifar_arrays(arrays)
+    try:
+        _save_decoded(cached, arrays, archive_sha256)
+    except OSError:
+        pass  # a read-only cache only costs the decode next time
+    return arrays
+
+
+def _archive_sha256(dataset: str, filename: str, path: Path) -> str:
+    """The sha256 of a resolved archive: the registry's (resolution has verified the file against it)."""
+    fspec = next(f for f in get_spec(dataset).files if f.name == filename)
+    if fspec.sha256:
+        return fspec.sha256
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=2)
@@ -137,20 +267,7 @@ def _cifar(key: str | None, source: str) -> dict[str, np.ndarray]:
     if source == "cifar10":
         return _read_cifar_python(resolve_file("cifar10", "cifar-10-python.tar.gz", key))
     archive = resolve_file("cifar10-jpeg", "cifar10_jpeg.tar.gz", key)
-    st = archive.stat()
-    cached = cache_dir() / "cifar10-jpeg" / f"decoded-{st.st_size}-{int(st.st_mtime)}.npz"
-    if cached.is_file():
-        try:
-            with np.load(cached) as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError):
-            cached.unlink(missing_ok=True)
-    arrays = _decode_cifar_jpeg(archive)
-    try:
-        _atomic_save_npz(cached, **arrays)
-    except OSError:
-        pass  # a read-only cache only costs the decode next time
-    return arrays
+    return _decoded_cifar_jpeg(archive, _archive_sha256("cifar10-jpeg", "cifar10_jpeg.tar.gz", archive))
 
 
 def cifar10_source(data_dir: PathLike = None) -> str:

@@ -10,20 +10,26 @@ users who are online, and the loader that reads it. A file is resolved in this o
    file is moved into place, so a half-written or corrupt download is never seen);
 4. otherwise a :class:`DataNotFoundError` that names the files and where to put them.
 
-A file whose hash does not match is reported with :class:`CorruptFileError` and never loaded.
+A file whose hash does not match is reported with :class:`CorruptFileError` and never loaded. Something at a
+file's place that cannot be read as one (a folder, a symbolic-link loop or a link to nothing, a file without
+read permission) is reported with :class:`UnreadableFileError`, which says which of these it is.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import os
-import tempfile
+import stat
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .._io import atomic_write
 
 ENV_DATA_DIR = "KEXUE_DATA_DIR"
 ENV_CACHE_DIR = "KEXUE_CACHE_DIR"
@@ -38,13 +44,19 @@ class CorruptFileError(ValueError):
     """A dataset file exists but its hash does not match the registry."""
 
 
+class UnreadableFileError(OSError):
+    """Something is at a dataset file's place but cannot be read as that file: a folder, a symbolic-link loop,
+    a link to nothing, a special file, or a file the user may not read. The message says which."""
+
+
 @dataclass(frozen=True)
 class FileSpec:
     """One file of a dataset.
 
     ``sha256`` is the hash of the file as stored. For gzip-compressed IDX files, whose ``.gz`` containers differ
     between mirrors while the content is identical, ``content_sha256`` (of the decompressed bytes) is checked
-    instead. ``md5`` is accepted where that is the only published hash (canonical CIFAR-10).
+    instead. ``md5`` is the published hash of some files (canonical CIFAR-10); it is kept for reference and
+    checked only when a file has no sha256.
     """
 
     name: str
@@ -112,7 +124,9 @@ _add(DatasetSpec(
     name="cifar10", folder="cifar10", loader="load_cifar10",
     description="CIFAR-10, canonical python pickles (50k/10k, 32x32 RGB)",
     source="Krizhevsky (2009), www.cs.toronto.edu/~kriz/cifar.html", licence="research use",
-    files=(FileSpec("cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a",
+    files=(FileSpec("cifar-10-python.tar.gz",
+                    sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", size=170498071,
+                    md5="c58f30108f718f92721af3b95e74349a",
                     urls=("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",)),),
 ))
 
@@ -262,30 +276,76 @@ def _hash_file(path: Path, algo: str, decompress: bool = False) -> str:
     return h.hexdigest()
 
 
+def _unreadable(path: Path, exc: OSError) -> UnreadableFileError:
+    what = exc.strerror or str(exc)
+    hint = " (check the permissions of the file and its folders)" if exc.errno in (errno.EACCES, errno.EPERM) else ""
+    return UnreadableFileError(exc.errno or errno.EIO, f"{path} cannot be read: {what}{hint}")
+
+
 def verify_file(path: Path, spec: FileSpec) -> None:
-    """Raise :class:`CorruptFileError` unless ``path`` matches the hash recorded for it."""
-    st = path.stat()
+    """Raise :class:`CorruptFileError` unless ``path`` matches the hash recorded for it
+    (:class:`UnreadableFileError` when it cannot be read at all)."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
     key = (str(path.resolve()), st.st_size, st.st_mtime)
     if _VERIFIED.get(key):
         return
-    if spec.content_sha256:
-        try:
-            got, want, what = _hash_file(path, "sha256", decompress=True), spec.content_sha256, "content sha256"
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise CorruptFileError(f"{path}: not a readable gzip file ({exc}); delete it and fetch it again") \
-                from exc
-    elif spec.sha256:
-        got, want, what = _hash_file(path, "sha256"), spec.sha256, "sha256"
-    elif spec.md5:
-        got, want, what = _hash_file(path, "md5"), spec.md5, "md5"
-    else:
-        return
+    try:
+        if spec.content_sha256:
+            try:
+                got, want, what = _hash_file(path, "sha256", decompress=True), spec.content_sha256, "content sha256"
+            except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                raise CorruptFileError(f"{path}: not a readable gzip file ({exc}); delete it and fetch it again") \
+                    from exc
+        elif spec.sha256:
+            got, want, what = _hash_file(path, "sha256"), spec.sha256, "sha256"
+        elif spec.md5:
+            got, want, what = _hash_file(path, "md5"), spec.md5, "md5"
+        else:
+            return
+    except CorruptFileError:
+        raise
+    except OSError as exc:  # permission, I/O error: the file may be fine, reading it is not
+        raise _unreadable(path, exc) from exc
     if got != want:
         raise CorruptFileError(
             f"{path} is corrupt or not the expected file: {what} {got} != expected {want}. "
             "Delete it and put a good copy there (or let kexue download it)."
         )
     _VERIFIED[key] = True
+
+
+def _probe(path: Path) -> bool:
+    """Whether a regular file is at ``path`` (False when nothing is); raise :class:`UnreadableFileError` naming
+    what is wrong when something else is there."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            raise UnreadableFileError(errno.ENOENT, f"{path} is a symbolic link to {target!r}, which does not "
+                                                    "exist") from None
+        return False
+    except NotADirectoryError:
+        parent = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise UnreadableFileError(errno.ENOTDIR, f"{parent} is a file, where a folder holding {path.name} "
+                                                 "should be") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnreadableFileError(errno.ELOOP, f"{path} is a symbolic link that loops (it leads back to "
+                                                   "itself); replace it with the file or a link to it") from None
+        raise _unreadable(path, exc) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UnreadableFileError(errno.EISDIR, f"{path} is a folder, where the dataset file {path.name} should be; "
+                                                "put the file itself there")
+    if not stat.S_ISREG(st.st_mode):
+        raise UnreadableFileError(errno.EINVAL, f"{path} is not a regular file (a device, pipe or socket)")
+    return True
 
 
 def _online_allowed() -> bool:
@@ -299,23 +359,17 @@ def download(url: str, dest: Path, spec: FileSpec, *, progress: bool = True, tim
     """
     from tqdm.auto import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+    def fetch(out) -> None:  # noqa: ANN001
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
                       disable=not progress, leave=False) as bar:
                 for block in iter(lambda: resp.read(1 << 16), b""):
                     out.write(block)
                     bar.update(len(block))
-        verify_file(tmp, spec)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dest
+
+    # streamed into a locked .kx-XXXXXXXX.tmp beside dest (a killed download's is removed by a later write there)
+    return atomic_write(dest, fetch, check=lambda tmp: verify_file(tmp, spec))
 
 
 def resolve_file(dataset: str, filename: str, data_dir: str | os.PathLike | None = None, *,
@@ -328,7 +382,7 @@ def resolve_file(dataset: str, filename: str, data_dir: str | os.PathLike | None
     roots = candidate_dirs(data_dir)
     for _, root in roots:
         path = root / spec.folder / filename
-        if path.is_file():
+        if _probe(path):
             verify_file(path, fspec)
             return path
     errors = []
