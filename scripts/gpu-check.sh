@@ -3,12 +3,10 @@
 # is 10), in order of value:
 #   1. the attention bench on the GPU, fused and eager rows (quick sizes, L = 512 and 2048); every fused row also
 #      checks its output against SDPA on a pre-scaled q (max_abs_diff_vs_prescaled_sdpa);
-#   2. the fused Triton kernel's tests on the compiled kernels (tests/test_fused.py: outputs and gradients against
-#      the reference, every mask, fp32/fp16/bf16, GPU-sized shapes);
-#   3. the CUDA tests (-m cuda);
-#   4. the bench's compiled (the fused kernel inside a compiled graph too), model and backward rows;
-#   5. what the log n multiplier costs in a compiled graph on the GPU (scripts/traced-logn-multiplier.py): the
-#      float64 formula attention() traces to there, against a float32 log2 and the opaque table lookup.
+#   2. the fused Triton kernel's tests on the compiled kernels (pytest -m kernels tests/attention/kernels: outputs
+#      and gradients against the reference, every mask, fp32/fp16/bf16, GPU-sized shapes);
+#   3. the CUDA tests (-m cuda, wherever they live in tests/);
+#   4. the bench's compiled (the fused kernel inside a compiled graph too), model and backward rows.
 # Each step has its own time limit, cut to what is left of 570 s in all, so one hang cannot eat the session; the logs go to $OUT (the device tool's
 # folder that comes back) or ./gpu-check. Uses the machine's own torch and triton (no install: src/ on the path).
 # Run from the repository root:  bash scripts/gpu-check.sh
@@ -37,8 +35,7 @@ step() {  # step NAME SECONDS COMMAND...
 
 step bench-fused 170 $py -m kexue.cli bench attention --quick --device cuda --only fused,eager,control \
   --json "$out/bench-fused.json"
-step fused-tests 160 $py -m pytest -q -x tests/test_fused.py -p no:cacheprovider
-step cuda-tests 110 $py -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+step fused-tests 170 $py -m pytest -q -x -m kernels tests/attention/kernels/test_fused.py -p no:cacheprovider
+step cuda-tests 120 $py -m pytest -q -m cuda tests -p no:cacheprovider
 step bench-rest 130 $py -m kexue.cli bench attention --quick --device cuda --only compiled,model,backward \
   --json "$out/bench-rest.json"
-step logn-multiplier 90 $py scripts/traced-logn-multiplier.py --device cuda

@@ -1,18 +1,31 @@
-"""Softmax attention: masks as predicates (article 3), length-aware scales (article 8), an SDPA entry point.
+"""Softmax attention: masks as predicates (article 3), length-aware scales (article 8), a stateless SDPA entry point.
 
-See :mod:`kexue.attention.masks`, :mod:`kexue.attention.scaling` and :mod:`kexue.attention.core`.
+* :mod:`kexue.attention.masks` — predicates, combinators, renderers and builders (article 3);
+* :mod:`kexue.attention.ranks` — :class:`RankMask`, the same masks as O(L) rank vectors;
+* :mod:`kexue.attention.scaling` — the entropy-invariant scale, attention entropy, :func:`resolve_scale` (article 8);
+* :mod:`kexue.attention.core` — :func:`attention` and :class:`PreparedMask` / :func:`prepare_mask`;
+* :mod:`kexue.attention.reference` — :func:`attention_reference`, what every fast path is tested against;
+* :mod:`kexue.attention.kernels` — the experimental fused Triton kernel (not imported here).
+
+Example:
+    >>> import torch
+    >>> from kexue.attention import attention, prepare_mask, unilm_mask
+    >>> q = k = v = torch.randn(1, 2, 6, 8)
+    >>> pm = prepare_mask(unilm_mask(torch.tensor([[0, 0, 0, 1, 1, 1]])), q_len=6)   # once per forward
+    >>> attention(q, k, v, pm, scale="entropy").shape
+    torch.Size([1, 2, 6, 8])
 """
 
 from __future__ import annotations
 
-from .core import attention, attention_reference
-from .fused import fused_attention, fused_available
+from .core import PreparedMask, attention, prepare_mask
 from .masks import (
     MaskMod,
-    RankMask,
     and_masks,
     causal,
     causal_mask,
+    document_mask,
+    documents,
     from_dense,
     full,
     or_masks,
@@ -31,13 +44,25 @@ from .masks import (
     unilm,
     unilm_mask,
 )
-from .scaling import LogNScale, attention_entropy, entropy_invariant_scale, keys_per_row, logn_factor
+from .ranks import RankMask
+from .reference import attention_reference
+from .scaling import (
+    BASE,
+    MIN_N,
+    LogNScale,
+    attention_entropy,
+    entropy_invariant_scale,
+    keys_per_row,
+    logn_factor,
+    resolve_scale,
+)
 
 __all__ = [
-    "MaskMod", "and_masks", "or_masks", "render_mask", "to_block_mask", "to_additive_mask", "full", "causal",
-    "padding",
-    "sliding_window_mask", "sliding_window", "unilm", "prefix_lm", "permutation", "from_dense",
-    "causal_mask", "padding_mask", "unilm_mask", "prefix_lm_mask", "permutation_mask", "permute_for_plm",
-    "entropy_invariant_scale", "logn_factor", "keys_per_row", "attention_entropy", "LogNScale",
-    "attention", "attention_reference", "RankMask", "fused_attention", "fused_available",
+    "MaskMod", "and_masks", "or_masks", "render_mask", "to_block_mask", "to_additive_mask",
+    "full", "causal", "padding", "sliding_window", "unilm", "prefix_lm", "permutation", "documents", "from_dense",
+    "causal_mask", "padding_mask", "unilm_mask", "prefix_lm_mask", "permutation_mask", "sliding_window_mask",
+    "document_mask", "permute_for_plm", "RankMask",
+    "BASE", "MIN_N", "entropy_invariant_scale", "logn_factor", "keys_per_row", "attention_entropy", "LogNScale",
+    "resolve_scale",
+    "PreparedMask", "prepare_mask", "attention", "attention_reference",
 ]

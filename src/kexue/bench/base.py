@@ -106,6 +106,21 @@ def time_call(fn: Callable[[], Any], *, device: str = "cpu", repeats: int = 7, w
     return statistics.median(_sample(fn, n, device) for _ in range(repeats))
 
 
+def time_once(fn: Callable[[], Any], *, device: str = "cpu") -> float:
+    """Seconds taken by one call of ``fn`` (device-synchronised): for one-off costs such as a compile, which a
+    bench reports beside its ratios, never as one.
+
+    Example:
+        >>> time_once(lambda: sum(range(10))) >= 0
+        True
+    """
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 class Comparison(tuple):
     """``(ours_s, peer_s)``: median seconds per call of each side, as returned by :func:`compare`.
 

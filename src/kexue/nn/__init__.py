@@ -7,14 +7,16 @@ torch.Size([2, 10])
 """
 
 from .transformer import (
-    AttentionFunction,
+    AttentionModule,
+    KVCache,
     SoftmaxAttention,
     Transformer,
     TransformerBlock,
+    TransformerCache,
     TransformerOutput,
     apply_rope,
 )
 from .vision import BasicBlock, ResNet, SmallCNN, resnet18
 
-__all__ = ["AttentionFunction", "BasicBlock", "ResNet", "SmallCNN", "SoftmaxAttention", "Transformer",
-           "TransformerBlock", "TransformerOutput", "apply_rope", "resnet18"]
+__all__ = ["AttentionModule", "BasicBlock", "KVCache", "ResNet", "SmallCNN", "SoftmaxAttention", "Transformer",
+           "TransformerBlock", "TransformerCache", "TransformerOutput", "apply_rope", "resnet18"]

@@ -5,21 +5,27 @@ same network under different attention masks) and the entropy-invariant scale st
 (kexue.fm/archives/8823: ``softmax(log_512(n)/sqrt(d) * QK^T)``, "Attention-E").
 
 **The attention interface.** A block never computes attention itself. It projects the input to
-``q, k, v`` of shape ``[B, H, L, D]``, rotates ``q`` and ``k`` with RoPE, and calls its attention object::
+``q, k, v`` of shape ``[B, H, L, D]``, rotates ``q`` and ``k`` with RoPE, and calls its attention module::
 
-    out = attn(q, k, v, mask=mask, is_causal=is_causal)   # -> [B, H, L, D_v]
+    out = attn(q, k, v, mask=prepared_mask, cache=layer_cache)   # -> [B, H, L_q, D_v]
 
-* ``mask`` is ``None`` or a boolean tensor broadcastable to ``[B, H, L_q, L_k]`` with ``True`` = may
-  attend (padding is already folded in by the model);
-* ``is_causal`` is ``True`` only when no explicit mask is given and the model asks for a causal LM;
-* the object may also define ``entropy(q, k, mask=None, is_causal=False) -> [B, H, L_q]`` (nats per
-  query row); :class:`Transformer` calls it when asked for ``return_entropy=True``.
+* ``mask`` is a :class:`~kexue.attention.PreparedMask`, made once per forward by the model
+  (:func:`~kexue.attention.prepare_mask`) and shared by every layer: the padding, the causal flag and any other
+  mask, with their additive form and per-row key counts worked out once. A softmax attention hands it to
+  :func:`kexue.attention.attention`; a linear attention reads ``mask.is_causal`` and ``mask.key_padding``;
+* ``cache`` is None, or this layer's entry of a :class:`TransformerCache` for incremental decoding: the object
+  the attention module made with its ``new_cache()`` method (a :class:`KVCache` of past keys and values when it
+  has none; a linear attention keeps a recurrent state). The module appends the new keys/values (or advances its
+  state) and attends over everything seen so far; earlier positions never change under a causal or UniLM mask,
+  so decoding with a cache equals recomputing the whole sequence;
+* the module may define ``entropy(q, k, *, mask) -> [B, H, L_q]`` (nats per query row), which
+  :class:`Transformer` calls for ``return_entropy=True``, and ``new_cache() -> object`` (see above; the object
+  must have ``reorder(index)`` for beam search).
 
-Any callable with that signature slots in (a function, or an ``nn.Module`` such as a linear attention);
-pass one object shared by all layers as ``attention=``, or a factory ``attention_factory(layer_index)``
-that builds one module per layer (needed when the attention has its own parameters). The default is
-:class:`SoftmaxAttention`, i.e. :func:`kexue.attention.attention` with ``scale="standard"`` (1/sqrt(d),
-Attention-O) or ``scale="entropy"`` (Attention-E, per-row n = number of visible keys, floored at 16).
+Pass one module shared by all layers as ``attention=``, or a factory ``attention_factory(layer_index)`` that
+builds one per layer (needed when the attention has its own parameters). The default is
+:class:`SoftmaxAttention`: :func:`kexue.attention.attention` with ``scale="standard"`` (1/sqrt(d), Attention-O)
+or ``scale="entropy"`` (Attention-E, per-row n = number of visible keys, floored at 16).
 
 Example:
     >>> import torch
@@ -40,32 +46,80 @@ import torch.nn.functional as F
 from torch import nn
 
 from kexue._checks import check_choice, check_positive, check_tensor, compute_dtype
-from kexue.attention import LogNScale, RankMask, attention, attention_entropy, causal_mask
-from kexue.attention.core import BACKENDS, _MaskMemo
-from kexue.attention.masks import _structure_of
-from kexue.attention.scaling import _check_base, _check_min_n
+from kexue.attention import BASE, MIN_N, LogNScale, PreparedMask, attention, attention_entropy, prepare_mask
+from kexue.attention.scaling import check_scale
 
 ATTENTION_SCALES = ("standard", "entropy", "learnable")
+ATTENTION_BACKENDS = ("sdpa", "fused")      # the default attention's kernel, by name (see SoftmaxAttention)
 NORMS = ("pre", "post")
 
 
 @runtime_checkable
-class AttentionFunction(Protocol):
-    """What a block calls: ``attn(q, k, v, mask=None, is_causal=False) -> [B, H, L_q, D_v]``.
+class AttentionModule(Protocol):
+    """What a block calls: ``attn(q, k, v, *, mask, cache=None) -> [B, H, L_q, D_v]`` (see the module docstring).
 
-    ``q, k, v`` are ``[B, H, L, D]`` (``q``/``k`` already rotated); ``mask`` is boolean, broadcastable to
-    ``[B, H, L_q, L_k]``, ``True`` = may attend. An optional ``entropy(q, k, mask=None, is_causal=False)``
-    method returns the per-row attention entropy ``[B, H, L_q]`` for diagnostics.
+    ``q, k, v`` are ``[B, H, L, D]`` (``q``/``k`` already rotated); ``mask`` is a
+    :class:`~kexue.attention.PreparedMask`; ``cache`` is None or the object this module's ``new_cache()`` made.
+    Optional methods: ``entropy(q, k, *, mask) -> [B, H, L_q]`` and ``new_cache() -> object``.
     """
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
-                 is_causal: bool = False) -> torch.Tensor: ...
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: PreparedMask,
+                 cache: object | None = None) -> torch.Tensor: ...
+
+
+class KVCache:
+    """One layer's keys and values of the tokens seen so far (incremental decoding).
+
+    :meth:`update` appends the new ``k``, ``v`` (``[B, H, L_new, D]``) and returns all of them; :meth:`reorder`
+    picks batch rows (beam search keeps the rows of the surviving beams).
+
+    Example:
+        >>> c = KVCache()
+        >>> k, v = c.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+        >>> k, v = c.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+        >>> k.shape, len(c)
+        (torch.Size([1, 2, 4, 4]), 4)
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None:
+            if k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
+                raise ValueError(f"new keys {tuple(k.shape)} do not match the cached {tuple(self.k.shape)}")
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class TransformerCache:
+    """The per-layer caches of a :class:`Transformer` and the number of tokens they hold (``length``); made by
+    :meth:`Transformer.new_cache`, passed to ``forward(..., cache=...)``, which appends to it."""
+
+    def __init__(self, layers: list) -> None:
+        self.layers = layers
+        self.length = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (``[B']`` int64) in every layer (beam search)."""
+        check_tensor("index", index, floating=False, dim=1)
+        for c in self.layers:
+            c.reorder(index)
 
 
 # ------------------------------------------------------------------------------------------------------
 # Rotary position embedding
 # ------------------------------------------------------------------------------------------------------
-def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, *, base: float = 10000.0) -> torch.Tensor:
     """Rotate ``x`` ``[B, H, L, D]`` by its positions (RoPE, Su et al. 2021; kexue.fm/archives/8265).
 
     Channel pairs ``(i, i + D/2)`` are rotated by angle ``pos * base^(-2i/D)``, so that
@@ -105,44 +159,44 @@ def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, base: float = 10000.
 # Default attention: softmax attention with the standard or entropy-invariant scale
 # ------------------------------------------------------------------------------------------------------
 class SoftmaxAttention(nn.Module):
-    """Softmax attention over SDPA with ``scale="standard"`` (1/sqrt(d), "Attention-O") or ``"entropy"``
-    (``log_base(n)/sqrt(d)`` with ``n`` the number of keys a row may see, floored at ``min_n``;
-    "Attention-E" of kexue.fm/archives/8823), a fixed float, or a :class:`~kexue.attention.LogNScale`
-    module (kept as a submodule, so a learnable per-head factor trains with the model; its own ``base`` and
-    ``min_n`` apply). ``backend="fused"`` computes it in one Triton kernel on a GPU
-    (:func:`kexue.attention.fused.fused_attention`; the mask must then be a ``RankMask`` or a builder's mask).
+    """Softmax attention (:func:`kexue.attention.attention`) with ``scale="standard"`` (1/sqrt(d), "Attention-O"),
+    ``"entropy"`` (``log_base(n)/sqrt(d)`` with ``n`` the number of keys a row may see, floored at ``min_n``;
+    "Attention-E" of kexue.fm/archives/8823), a fixed float, or a :class:`~kexue.attention.LogNScale` module
+    (kept as a submodule, so a learnable per-head factor trains with the model; its own ``base`` and ``min_n``
+    apply). ``backend`` names the kernel (``"sdpa"``; ``"fused"`` is the experimental Triton kernel of
+    :mod:`kexue.attention.kernels`, CUDA only, for masks made of ranks, padding and the causal flag). With a
+    cache it keeps the past keys and values in a :class:`KVCache`.
 
     Example:
         >>> attn = SoftmaxAttention("entropy")
         >>> q = k = v = torch.randn(1, 2, 8, 16)
-        >>> attn(q, k, v).shape, attn.entropy(q, k).shape
+        >>> from kexue.attention import prepare_mask
+        >>> pm = prepare_mask(q_len=8)
+        >>> attn(q, k, v, mask=pm).shape, attn.entropy(q, k, mask=pm).shape
         (torch.Size([1, 2, 8, 16]), torch.Size([1, 2, 8]))
     """
 
-    def __init__(self, scale: str | float | LogNScale = "standard", min_n: float = 16, base: float = 512,
+    def __init__(self, scale: str | float | LogNScale = "standard", *, min_n: float = MIN_N, base: float = BASE,
                  backend: str = "sdpa") -> None:
         super().__init__()
-        if isinstance(scale, str):
-            check_choice("scale", scale, ("standard", "entropy"))
-        elif not isinstance(scale, LogNScale):
-            check_positive("scale", scale)
-        _check_min_n(min_n)
-        _check_base(base)
-        check_choice("backend", backend, BACKENDS)
+        check_scale(scale, min_n=min_n, base=base)
+        if isinstance(scale, torch.Tensor) or (callable(scale) and not isinstance(scale, LogNScale)):
+            raise TypeError("scale must be 'standard', 'entropy', a positive float or a LogNScale")
+        check_choice("backend", backend, ATTENTION_BACKENDS)
         self.scale, self.min_n, self.base, self.backend = scale, min_n, base, backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
-        return attention(q, k, v, mask=mask, scale=self.scale, min_n=self.min_n, base=self.base,
-                         is_causal=is_causal, backend=self.backend)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: PreparedMask | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None:
+            k, v = cache.update(k, v)
+        return attention(q, k, v, mask, scale=self.scale, min_n=self.min_n, base=self.base, backend=self.backend)
 
-    def entropy(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def entropy(self, q: torch.Tensor, k: torch.Tensor, *, mask: PreparedMask | None = None) -> torch.Tensor:
         """Per-row attention entropy in nats, ``[B, H, L_q]``, under the same scale and mask."""
-        if isinstance(mask, _MaskMemo):
-            mask = mask.mask
-        return attention_entropy(q, k, mask=mask, scale=self.scale, is_causal=is_causal, min_n=self.min_n,
-                                 base=self.base)
+        return attention_entropy(q, k, mask, scale=self.scale, min_n=self.min_n, base=self.base)
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
 
     def extra_repr(self) -> str:
         tail = "" if self.backend == "sdpa" else f"backend={self.backend!r}"
@@ -164,29 +218,21 @@ def _check_sizes(dim: int, heads: int, mlp_ratio: float) -> int:
     return hidden
 
 
-def _takes_memo(attn: object) -> bool:
-    """Whether ``attn`` is a SoftmaxAttention whose forward and entropy are ours (so it unwraps a _MaskMemo): a
-    subclass that overrides either gets the mask tensor. (Not an exact type check: torch.export's non-strict
-    tracer stands a proxy subclass in for every submodule.)"""
-    cls = type(attn)
-    return isinstance(attn, SoftmaxAttention) and cls.forward is SoftmaxAttention.forward and \
-        cls.entropy is SoftmaxAttention.entropy
-
-
 # ------------------------------------------------------------------------------------------------------
 # Blocks and model
 # ------------------------------------------------------------------------------------------------------
 class TransformerBlock(nn.Module):
-    """One encoder block: multi-head self-attention (through a pluggable attention callable) and an MLP,
-    with pre-LN (``x + f(LN(x))``) or post-LN (``LN(x + f(x))``) residuals.
+    """One encoder block: multi-head self-attention (through a pluggable attention module) and an MLP, with pre-LN
+    (``x + f(LN(x))``) or post-LN (``LN(x + f(x))``) residuals.
 
     Example:
+        >>> from kexue.attention import prepare_mask
         >>> blk = TransformerBlock(32, 4, attention=SoftmaxAttention())
-        >>> blk(torch.randn(2, 5, 32), torch.arange(5))[0].shape
+        >>> blk(torch.randn(2, 5, 32), torch.arange(5), mask=prepare_mask(q_len=5))[0].shape
         torch.Size([2, 5, 32])
     """
 
-    def __init__(self, dim: int, heads: int, attention: Callable[..., torch.Tensor], mlp_ratio: float = 4.0,
+    def __init__(self, dim: int, heads: int, *, attention: Callable[..., torch.Tensor], mlp_ratio: float = 4.0,
                  norm: str = "pre", dropout: float = 0.0, rope_base: float = 10000.0) -> None:
         super().__init__()
         hidden = _check_sizes(dim, heads, mlp_ratio)
@@ -201,32 +247,32 @@ class TransformerBlock(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def _attend(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+    def _attend(self, x: torch.Tensor, position_ids: torch.Tensor, mask: PreparedMask, cache: object | None,
                 want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = apply_rope(q, position_ids, self.rope_base)
-        k = apply_rope(k, position_ids, self.rope_base)
-        out = self.attn(q, k, v, mask=mask, is_causal=is_causal)
+        q = apply_rope(q, position_ids, base=self.rope_base)
+        k = apply_rope(k, position_ids, base=self.rope_base)
         ent = None
         if want_entropy:
             fn = getattr(self.attn, "entropy", None)
             if fn is None:
-                raise ValueError("return_entropy=True needs an attention object with an entropy(q, k, mask, "
-                                 "is_causal) method")
+                raise ValueError("return_entropy=True needs an attention module with an entropy(q, k, *, mask) "
+                                 "method")
             with torch.no_grad():
-                ent = fn(q, k, mask=mask, is_causal=is_causal)
+                ent = fn(q, k, mask=mask)
+        out = self.attn(q, k, v, mask=mask, cache=cache)
         out = out.transpose(1, 2).reshape(b, n, self.dim)
         return self.drop(self.proj(out)), ent
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None = None,
-                is_causal: bool = False, return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *, mask: PreparedMask,
+                cache: object | None = None, return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.norm == "pre":
-            a, ent = self._attend(self.ln1(x), position_ids, mask, is_causal, return_entropy)
+            a, ent = self._attend(self.ln1(x), position_ids, mask, cache, return_entropy)
             x = x + a
             x = x + self.drop(self.mlp(self.ln2(x)))
         else:
-            a, ent = self._attend(x, position_ids, mask, is_causal, return_entropy)
+            a, ent = self._attend(x, position_ids, mask, cache, return_entropy)
             x = self.ln1(x + a)
             x = self.ln2(x + self.drop(self.mlp(x)))
         return x, ent
@@ -246,67 +292,60 @@ class TransformerOutput:
 torch.export.register_dataclass(TransformerOutput, serialized_type_name="kexue.nn.TransformerOutput")
 
 
-def _check_attention_mask(attention_mask: torch.Tensor, batch: int, length: int) -> None:
-    check_tensor("attention_mask", attention_mask, dim=2)
-    if attention_mask.shape != (batch, length):
-        raise ValueError(f"attention_mask must be [B, L]=[{batch}, {length}], got {tuple(attention_mask.shape)}")
-
-
 class Transformer(nn.Module):
     """Transformer encoder with RoPE, pre-/post-LN, pluggable attention and an MLM head tied to the token
     embeddings. No absolute positions, so it runs at any sequence length.
 
-    Args:
+    Args (all but ``vocab_size`` keyword-only):
         vocab_size: number of tokens.
         dim, depth, heads, mlp_ratio: width, number of blocks, attention heads, MLP expansion.
         norm: ``"pre"`` (default) or ``"post"`` (BERT-style, with a LayerNorm on the embeddings).
         attention_scale: ``"standard"`` (Attention-O), ``"entropy"`` (Attention-E, kexue.fm/archives/8823)
             or ``"learnable"`` (beyond the article: a per-head factor ``s_h * log_base(n)`` per layer,
             :class:`~kexue.attention.LogNScale` with ``learnable=True``, starting at Attention-E) for the
-            default :class:`SoftmaxAttention`; ``min_n`` and ``scale_base`` tune the latter two.
-        attention_backend: ``"sdpa"`` (default) or ``"fused"``: the default attention's kernel. ``"fused"`` is
-            one Triton kernel (CUDA) that computes the mask from a :class:`~kexue.attention.RankMask` -- a
-            ``mask`` from kexue's builders carries one, padding is added to it -- and the entropy scale itself.
-        attention: one attention callable shared by every block (see the module docstring for the
-            interface); overrides ``attention_scale``. Its own layers keep their initialisation.
+            default :class:`SoftmaxAttention`; ``min_n`` and ``base`` (the log's base) tune the latter two.
+        attention_backend: the default attention's kernel, ``"sdpa"`` or the experimental ``"fused"``
+            (:class:`SoftmaxAttention`).
+        attention: one attention module shared by every block (see the module docstring for the protocol);
+            overrides ``attention_scale``. Its own layers keep their initialisation.
         attention_factory: ``f(layer_index) -> attention`` to build one attention module per block.
         rope_base: RoPE frequency base. dropout: dropout on residual branches.
 
-    ``forward(input_ids, position_ids=None, attention_mask=None, mask=None, is_causal=False,
-    return_entropy=False)``: ``position_ids`` default to ``0..L-1`` (pass the original positions for a
-    permutation LM); ``input_ids`` is an int64 or int32 tensor ``[B, L]``; ``attention_mask`` ``[B, L]``
-    marks real tokens (1) vs padding (0); ``mask`` is a boolean attention mask (``True`` = may attend) that
-    broadcasts to ``[B, H, L, L]``, e.g. ``[B, 1, L, L]`` from :func:`kexue.attention.unilm_mask`, ``[B, 1, 1, L]``
-    from :func:`kexue.attention.padding_mask` or ``[L, L]``, or a :class:`~kexue.attention.RankMask`. One
-    exception to plain broadcasting: a **3-D** mask is ``[B, L, L]`` (one mask per batch item, shared by the
-    heads; the Hugging Face convention), read as ``[B, 1, L, L]`` -- not ``[H, L, L]`` as
-    :func:`kexue.attention.attention` reads it -- and its first dimension must be 1 or ``B``. ``is_causal`` adds the LM
-    mask; ``logits_positions`` (bool ``[B, L]``) computes the MLM logits only there and returns them as
-    ``[N, vocab]`` (cheap MLM training with a large vocabulary). With the default :class:`SoftmaxAttention` in
-    every block, the mask is turned into SDPA's float form (and counted per row, for the entropy scales) once
-    per forward and shared by the blocks, also under ``torch.compile``; a user's attention callable gets the
-    bool mask tensor itself.
+    ``forward(input_ids, *, position_ids=None, attention_mask=None, mask=None, is_causal=False, cache=None,
+    return_entropy=False, logits_positions=None)``: ``input_ids`` is an int64 or int32 tensor ``[B, L]``;
+    ``position_ids`` default to ``past..past+L-1`` (``past`` = tokens already in ``cache``; pass the original
+    positions for a permutation LM); ``attention_mask`` ``[B, past + L]`` marks real tokens (1) vs padding (0);
+    ``mask`` is a boolean attention mask (``True`` = may attend) that broadcasts to ``[B, H, L, past + L]``, e.g.
+    ``[B, 1, L, L]`` from :func:`kexue.attention.unilm_mask`, or a :class:`~kexue.attention.RankMask`. One exception
+    to plain broadcasting: a **3-D** mask is ``[B, L, K]`` (one mask per batch item, shared by the heads; the
+    Hugging Face convention), read as ``[B, 1, L, K]``. ``is_causal`` adds the LM mask (right-aligned with the
+    cache: a new token sees every earlier one). ``cache`` (from :meth:`new_cache`) decodes incrementally: the
+    keys/values (or recurrent state) of earlier calls are reused and the new tokens appended.
+    ``logits_positions`` (bool ``[B, L]``) computes the MLM logits only there and returns them as ``[N, vocab]``
+    (cheap MLM training with a large vocabulary). The mask is prepared once per forward
+    (:func:`kexue.attention.prepare_mask`) and shared by the blocks.
 
     Example:
-        >>> m = Transformer(vocab_size=30, dim=32, depth=1, heads=2, norm="post")
+        >>> m = Transformer(30, dim=32, depth=1, heads=2, norm="post")
         >>> ids = torch.randint(0, 30, (1, 7))
         >>> m(ids, is_causal=True).logits.shape
         torch.Size([1, 7, 30])
     """
 
-    def __init__(self, vocab_size: int, dim: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
+    def __init__(self, vocab_size: int, *, dim: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
                  norm: str = "pre", attention_scale: str = "standard", attention: Callable | None = None,
-                 attention_factory: Callable[[int], Callable] | None = None, min_n: float = 16,
-                 scale_base: float = 512, rope_base: float = 10000.0, dropout: float = 0.0,
+                 attention_factory: Callable[[int], Callable] | None = None, min_n: float = MIN_N,
+                 base: float = BASE, rope_base: float = 10000.0, dropout: float = 0.0,
                  attention_backend: str = "sdpa") -> None:
         super().__init__()
-        check_choice("attention_backend", attention_backend, BACKENDS)
+        check_choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
         for name, val in (("vocab_size", vocab_size), ("depth", depth)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
         _check_sizes(dim, heads, mlp_ratio)
         check_choice("norm", norm, NORMS)
         check_choice("attention_scale", attention_scale, ATTENTION_SCALES)
+        check_scale("standard", min_n=min_n, base=base)
         check_positive("rope_base", rope_base)
         check_positive("dropout", dropout, allow_zero=True)
         if dim % heads or (dim // heads) % 2:
@@ -321,16 +360,17 @@ class Transformer(nn.Module):
         self.attention_scale = attention_scale
         if attention_factory is None and attention is None and attention_scale == "learnable":
             def attention_factory(i: int) -> SoftmaxAttention:      # one set of per-head factors per layer
-                return SoftmaxAttention(LogNScale(heads, learnable=True, base=scale_base, min_n=min_n),
+                return SoftmaxAttention(LogNScale(heads, learnable=True, base=base, min_n=min_n),
                                         backend=attention_backend)
         elif attention_factory is None:
-            shared = attention if attention is not None else SoftmaxAttention(attention_scale, min_n, scale_base,
-                                                                              backend=attention_backend)
+            shared = attention if attention is not None else SoftmaxAttention(
+                attention_scale, min_n=min_n, base=base, backend=attention_backend)
             attention_factory = lambda i: shared  # noqa: E731
         self.tok_emb = nn.Embedding(vocab_size, dim)
         self.emb_ln = nn.LayerNorm(dim) if norm == "post" else nn.Identity()
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, attention_factory(i), mlp_ratio, norm, dropout, rope_base)
+            TransformerBlock(dim, heads, attention=attention_factory(i), mlp_ratio=mlp_ratio, norm=norm,
+                             dropout=dropout, rope_base=rope_base)
             for i in range(depth))
         self.final_ln = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
         # MLM head: dense + GELU + LayerNorm, then the transposed token embedding (tied) plus a bias.
@@ -357,69 +397,36 @@ class Transformer(nn.Module):
                 nn.init.zeros_(mod.bias)
         nn.init.zeros_(self.head_bias)
 
-    def build_mask(self, batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None,
-                   mask: torch.Tensor | RankMask | None, is_causal: bool, *,
-                   structured: bool = False) -> tuple[torch.Tensor | RankMask | None, bool]:
-        """Fold padding and the causal flag into one boolean mask; returns ``(mask, is_causal)`` for the
-        attention call (``is_causal`` stays ``True`` only when no other mask is present). With ``structured``
-        (the fused backend) the result is a :class:`~kexue.attention.RankMask` with the padding keys hidden, and
-        ``is_causal`` is passed on as it is (the kernel applies it)."""
-        if structured:
-            return self._structured_mask(batch, length, device, attention_mask, mask), is_causal
-        if isinstance(mask, RankMask):
-            mask = mask.to_dense(q_len=length, device=device)
-        if mask is not None:
-            check_tensor("mask", mask)
+    def new_cache(self) -> TransformerCache:
+        """An empty cache for incremental decoding: one entry per layer, from its attention module's
+        ``new_cache()`` (a :class:`KVCache` when it has none)."""
+        return TransformerCache([blk.attn.new_cache() if hasattr(blk.attn, "new_cache") else KVCache()
+                                 for blk in self.blocks])
+
+    def prepare_mask(self, batch: int, q_len: int, device: torch.device, *, attention_mask: torch.Tensor | None = None,
+                     mask: object = None, is_causal: bool = False, past: int = 0) -> PreparedMask:
+        """The :class:`~kexue.attention.PreparedMask` every block gets: ``mask`` (a 3-D mask read as ``[B, L, K]``),
+        the padding of ``attention_mask`` and the causal flag (right-aligned after ``past`` cached tokens)."""
+        k_len = past + q_len
+        if isinstance(mask, torch.Tensor):
             if mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
-            mask = self._check_mask(mask, batch, length)
+                raise TypeError(f"mask must be a bool tensor (True = may attend) or a RankMask, got {mask.dtype}")
+            if mask.dim() == 3:
+                if mask.shape[0] not in (1, batch) or tuple(mask.shape[1:]) != (q_len, k_len):
+                    raise ValueError(f"mask with 3 dimensions must be [B, L, K] (one mask per batch item) or "
+                                     f"[1, L, K] with B={batch}, L={q_len}, K={k_len}, got {tuple(mask.shape)}")
+                mask = mask[:, None]
         if attention_mask is not None:
-            _check_attention_mask(attention_mask, batch, length)
-            if attention_mask.dtype != torch.bool and not torch.compiler.is_compiling() and \
-                    not bool(((attention_mask == 0) | (attention_mask == 1)).all()):   # (not while tracing)
-                raise ValueError("attention_mask must hold 1 (a token) and 0 (padding) only, got values "
-                                 f"{sorted(set(attention_mask.unique().tolist()))[:6]}")
-            pad = attention_mask.to(device).bool()[:, None, None, :]
-            mask = pad if mask is None else mask & pad
-        if is_causal and mask is not None:
-            mask = mask & causal_mask(length, device=device)
-            is_causal = False
-        return mask, is_causal
+            check_tensor("attention_mask", attention_mask, dim=2)
+            if tuple(attention_mask.shape) != (batch, k_len):
+                raise ValueError(f"attention_mask must be [B, K]=[{batch}, {k_len}] (cached and new tokens), got "
+                                 f"{tuple(attention_mask.shape)}")
+        return prepare_mask(mask, q_len=q_len, k_len=k_len, batch=batch, heads=self.heads,
+                            attention_mask=attention_mask, is_causal=is_causal, causal_offset=past, device=device)
 
-    def _check_mask(self, mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-        """``mask`` as a 4-D tensor that broadcasts to ``[B, H, L, L]``: a 3-D mask is ``[B, L, L]`` (made
-        ``[B, 1, L, L]``), fewer dimensions get leading ones; raise ``ValueError`` for any other shape."""
-        want = (batch, self.heads, length, length)
-        shape = tuple(mask.shape)
-        if mask.dim() == 3:
-            if shape[0] not in (1, batch) or shape[1:] != (length, length):
-                raise ValueError(f"mask with 3 dimensions must be [B, L, L] (one mask per batch item) or "
-                                 f"[1, L, L] with B={batch}, L={length}, got {shape}")
-            return mask[:, None]
-        try:
-            fits = mask.dim() <= 4 and torch.broadcast_shapes(shape, want) == want
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(f"mask must broadcast to [B, H, L, L]=[{batch}, {self.heads}, {length}, {length}], "
-                             f"got {shape}")
-        return mask.reshape((1,) * (4 - mask.dim()) + shape) if mask.dim() < 4 else mask
-
-    def _structured_mask(self, batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None,
-                         mask: torch.Tensor | RankMask | None) -> torch.Tensor | RankMask | None:
-        """What the fused kernel gets: the mask itself when no padding is added (a builder's mask keeps its row
-        counts, so no layer counts them again), else its RankMask with the padding keys hidden. Shapes are
-        checked by the kernel's call."""
-        rm, _ = _structure_of(mask)                 # (raises for a mask with no structure)
-        if attention_mask is None:
-            return mask
-        _check_attention_mask(attention_mask, batch, length)
-        am = attention_mask.to(device)
-        return RankMask.padding(am) if rm is None else rm.with_key_padding(am)
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                is_causal: bool = False, return_entropy: bool = False,
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, mask: object = None, is_causal: bool = False,
+                cache: TransformerCache | None = None, return_entropy: bool = False,
                 logits_positions: torch.Tensor | None = None) -> TransformerOutput:
         check_tensor("input_ids", input_ids, floating=False, dim=2)
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -432,27 +439,29 @@ class Transformer(nn.Module):
         if not torch.compiler.is_compiling() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
             raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got range "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if cache is not None and not isinstance(cache, TransformerCache):
+            raise TypeError(f"cache must be a TransformerCache (model.new_cache()), got {type(cache).__name__}")
+        if cache is not None and return_entropy:
+            raise ValueError("return_entropy=True is not available with a cache")
+        past = 0 if cache is None else cache.length
         if position_ids is None:
-            position_ids = torch.arange(n, device=input_ids.device)
+            position_ids = torch.arange(past, past + n, device=input_ids.device)
         else:
             check_tensor("position_ids", position_ids, floating=False)
             if position_ids.shape not in ((n,), (b, n), (1, n)):
                 raise ValueError(f"position_ids must be [L], [1, L] or [B, L] with B={b}, L={n}, "
                                  f"got {tuple(position_ids.shape)}")
-        structured = all(isinstance(blk.attn, SoftmaxAttention) and blk.attn.backend == "fused"
-                         for blk in self.blocks)
-        attn_mask, causal = self.build_mask(b, n, input_ids.device, attention_mask, mask, is_causal,
-                                            structured=structured)
-        if attn_mask is not None and all(_takes_memo(blk.attn) for blk in self.blocks):
-            # prepared (float mask, row counts) once for all layers, also in a compiled graph; only our own
-            # attention knows the wrapper, a user's attention callable gets the mask tensor itself
-            attn_mask = _MaskMemo(attn_mask)
+        pm = self.prepare_mask(b, n, input_ids.device, attention_mask=attention_mask, mask=mask,
+                               is_causal=is_causal, past=past)
         x = self.drop(self.emb_ln(self.tok_emb(input_ids)))
         entropies: list[torch.Tensor] | None = [] if return_entropy else None
-        for blk in self.blocks:
-            x, ent = blk(x, position_ids, attn_mask, causal, return_entropy)
+        for i, blk in enumerate(self.blocks):
+            x, ent = blk(x, position_ids, mask=pm, cache=None if cache is None else cache.layers[i],
+                         return_entropy=return_entropy)
             if entropies is not None:
                 entropies.append(ent)
+        if cache is not None:
+            cache.length += n
         hidden = self.final_ln(x)
         h = hidden
         if logits_positions is not None:
@@ -470,5 +479,5 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-__all__ = ["ATTENTION_SCALES", "AttentionFunction", "SoftmaxAttention", "Transformer", "TransformerBlock",
-           "TransformerOutput", "apply_rope"]
+__all__ = ["ATTENTION_BACKENDS", "ATTENTION_SCALES", "AttentionModule", "KVCache", "SoftmaxAttention", "Transformer",
+           "TransformerBlock", "TransformerCache", "TransformerOutput", "apply_rope"]

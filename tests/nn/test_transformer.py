@@ -113,9 +113,9 @@ def test_position_ids_are_used_and_shift_invariant():
 def test_pluggable_attention_callable_is_really_used():
     calls = []
 
-    def doubled_values(q, k, v, *, mask=None, is_causal=False):
-        calls.append((q.shape, mask is None, is_causal))
-        return F.scaled_dot_product_attention(q, k, 2 * v, attn_mask=mask, is_causal=is_causal)
+    def doubled_values(q, k, v, *, mask, cache=None):
+        calls.append((q.shape, mask.sdpa_causal, cache is None))
+        return F.scaled_dot_product_attention(q, k, 2 * v, attn_mask=mask.allowed(), is_causal=False)
 
     m_custom = _model(attention=doubled_values)
     m_plain = _model()
@@ -124,7 +124,7 @@ def test_pluggable_attention_callable_is_really_used():
     assert len(calls) == 2 and calls[0] == (torch.Size([2, 4, 5, 8]), True, True)
     assert not torch.allclose(out.hidden, m_plain(ids, is_causal=True).hidden)
     # zeroing the value path through the plugged attention behaves like a model without attention output
-    m_zero = _model(attention=lambda q, k, v, *, mask=None, is_causal=False: torch.zeros_like(v))
+    m_zero = _model(attention=lambda q, k, v, *, mask, cache=None: torch.zeros_like(v))
     x = m_zero.tok_emb(ids)
     for blk in m_zero.blocks:
         x = x + blk.proj(torch.zeros_like(x))
@@ -151,8 +151,10 @@ def test_entropy_scale_differs_from_standard_and_matches_at_512_keys():
 
 
 def test_block_standalone():
-    blk = TransformerBlock(16, 2, SoftmaxAttention(), norm="post")
-    y, ent = blk(torch.randn(2, 5, 16), torch.arange(5), return_entropy=True)
+    from kexue.attention import prepare_mask
+
+    blk = TransformerBlock(16, 2, attention=SoftmaxAttention(), norm="post")
+    y, ent = blk(torch.randn(2, 5, 16), torch.arange(5), mask=prepare_mask(q_len=5), return_entropy=True)
     assert y.shape == (2, 5, 16) and ent.shape == (2, 2, 5)
 
 
@@ -176,7 +178,7 @@ def test_bad_input_raises():
         SoftmaxAttention("entropy", base=1)
     assert SoftmaxAttention("entropy", min_n=12.5, base=600.7).base == 600.7      # kept as given, not int()
     m = Transformer(10, dim=16, depth=1, heads=2)
-    with pytest.raises(ValueError, match="attention_mask must hold 1"):
+    with pytest.raises(ValueError, match="attention_mask must contain only 0 and 1"):
         m(torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[1, 2, 0]]))
     with pytest.raises(ValueError, match="input_ids"):
         m(torch.tensor([[1, 2, 10]]))
@@ -281,7 +283,7 @@ def test_3d_mask_is_per_batch_item():
         torch.testing.assert_close(got[i:i + 1], m(ids[i:i + 1], mask=per_item[i]).hidden)
     # a 3-D mask of one item is shared by the batch; any other first dimension is an error
     torch.testing.assert_close(m(ids, mask=per_item[1:2]).hidden, m(ids, is_causal=True).hidden)
-    with pytest.raises(ValueError, match=r"mask.*\[B, L, L\]"):
+    with pytest.raises(ValueError, match=r"mask.*\[B, L, K\]"):
         m(ids[:2], mask=per_item)
 
 
@@ -327,8 +329,8 @@ def test_the_model_init_leaves_a_user_attention_module_s_own_layers_alone():
             torch.nn.init.eye_(self.feature.weight)
             torch.nn.init.constant_(self.feature.bias, 0.5)
 
-        def forward(self, q, k, v, mask=None, is_causal=False):
-            return attention_fn(self.feature(q), self.feature(k), v, mask, is_causal=is_causal)
+        def forward(self, q, k, v, *, mask, cache=None):
+            return attention_fn(self.feature(q), self.feature(k), v, mask)
 
     torch.manual_seed(0)
     m = Transformer(20, dim=8, depth=2, heads=2, attention_factory=lambda i: ProjectedAttention())

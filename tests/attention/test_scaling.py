@@ -30,7 +30,23 @@ def test_scale_equals_standard_at_512_exactly(d):
 
 @pytest.mark.parametrize("n,ratio", [(64, 6 / 9), (128, 7 / 9), (256, 8 / 9), (1024, 10 / 9), (1, 0.0)])
 def test_scale_article_multipliers(n, ratio):
-    assert entropy_invariant_scale(n, 64) * 8 == pytest.approx(ratio, abs=1e-12)
+    assert entropy_invariant_scale(n, 64, min_n=1) * 8 == pytest.approx(ratio, abs=1e-12)   # the bare formula
+
+
+def test_one_default_floor_everywhere():
+    """min_n=16 and base=512 are the defaults of every function that takes them (one set of defaults)."""
+    import inspect
+
+    from kexue.attention import BASE, MIN_N, resolve_scale
+    from kexue.nn import SoftmaxAttention, Transformer
+
+    assert (BASE, MIN_N) == (512, 16)
+    for fn in (entropy_invariant_scale, logn_factor, attention, attention_reference, attention_entropy, LogNScale,
+               resolve_scale, SoftmaxAttention, Transformer):
+        params = inspect.signature(fn).parameters
+        assert params["min_n"].default == 16 and params["base"].default == 512, fn
+        assert params["min_n"].kind is inspect.Parameter.KEYWORD_ONLY, fn
+    assert entropy_invariant_scale(4, 64) == entropy_invariant_scale(16, 64)
 
 
 def test_scale_tensor_and_floor():
@@ -42,9 +58,9 @@ def test_scale_tensor_and_floor():
     assert entropy_invariant_scale(27, 1, base=3) == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize("bad", [0, 0.5, -3, float("nan"), torch.tensor([2.0, 0.0])])
-def test_scale_rejects_n_below_one(bad):
-    with pytest.raises(ValueError, match="n must be >= 1"):
+@pytest.mark.parametrize("bad", [-0.5, -3, float("nan"), torch.tensor([2.0, -1.0])])
+def test_scale_rejects_negative_counts(bad):
+    with pytest.raises(ValueError, match="n must be >= 0"):
         entropy_invariant_scale(bad, 64)
 
 
@@ -74,7 +90,8 @@ def test_keys_per_row_causal_padding_and_floor():
     want = torch.stack([torch.stack([am[b, : i + 1].sum() for i in range(6)]) for b in range(2)])
     assert got.shape == (2, 1, 6)
     assert torch.equal(got[:, 0], want)
-    assert keys_per_row(padding_mask(am), 6, 6, is_causal=True, min_n=16).eq(16).all()
+    with pytest.raises(TypeError, match="min_n"):
+        keys_per_row(padding_mask(am), 6, 6, is_causal=True, min_n=16)    # raw counts: the scales floor them
     float_mask = torch.zeros(2, 3).masked_fill(torch.tensor([[False, True, True], [False, False, True]]),
                                                float("-inf"))
     assert keys_per_row(float_mask, 2, 3).tolist() == [1, 2]
@@ -233,3 +250,21 @@ def test_keys_per_row_returns_a_copy_of_a_builders_counts():
 def test_lognscale_init_must_be_a_finite_number(init):
     with pytest.raises(ValueError, match="init"):
         LogNScale(2, init=init)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_a_hugging_face_mask_s_finfo_min_entries_are_hidden_keys(dtype):
+    """Issue 18.12: Hugging Face writes padding as torch.finfo(dtype).min; such entries (and anything below,
+    -inf included) are hidden keys for the per-row n of the entropy scale, exactly as the bool mask's zeros."""
+    am = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    allowed = padding_mask(am)                                           # [2, 1, 1, 5] bool
+    hf = torch.zeros(2, 1, 1, 5, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    assert torch.equal(keys_per_row(hf, 4, 5), keys_per_row(allowed, 4, 5))
+    assert keys_per_row(hf, 4, 5)[0, 0].tolist() == [3, 3, 3, 3]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 4 if i == 0 else 5, 8, generator=g, dtype=torch.float64) for i in range(3))
+    for scale in ("entropy", "standard"):
+        want = attention_reference(q, k, v, allowed, scale=scale, min_n=1)
+        torch.testing.assert_close(attention(q, k, v, hf, scale=scale, min_n=1), want)
+        torch.testing.assert_close(attention_entropy(q, k, hf, scale=scale, min_n=1),
+                                   attention_entropy(q, k, allowed, scale=scale, min_n=1))

@@ -1,47 +1,46 @@
 """One fused kernel for the masks of article 3 and the scale of article 8: :func:`fused_attention`.
 
+EXPERIMENTAL: these Triton kernels are built and compile-checked (``pytest -m kernels``: every launch setting
+compiled to sm_80 / sm_90 cubins, and run in Triton's interpreter against the reference), but they have never
+run on a GPU. Nothing imports this package unless asked: ``attention(..., backend="fused")`` or
+``Transformer(attention_backend="fused")``.
+
 ``attention(q, k, v, mask, scale="entropy")`` on SDPA pre-multiplies q by its per-row factor in a kernel of its
 own and hands SDPA an L x L mask. Here both are worked out inside one flash-attention kernel (Triton) from
-O(L) numbers, a :class:`~kexue.attention.masks.RankMask`:
+O(L) numbers, a :class:`~kexue.attention.RankMask`:
 
 * the mask: query ``i`` sees key ``j`` iff ``k_rank[j] <= q_rank[i]`` (UniLM's ``cumsum(segment_ids)``,
   prefix-LM, permutation order, hidden padding keys), ``k_group[j] == q_group[i]`` (packed documents) and
   ``j <= i + offset`` (causal) -- no L x L mask is built or read, and each block of rows loops only over the
   key blocks from the first to the last it may see;
 * the scale: ``c_i = log_base(max(n_i, min_n)) / sqrt(d)`` (kexue.fm/archives/8823), with ``n_i`` the number of
-  keys row ``i`` sees, counted in the kernel (or taken from the counts a mask builder attached); a per-head
-  :class:`~kexue.attention.LogNScale` or a per-row scale tensor multiplies in, with gradients.
+  keys row ``i`` sees, counted in the kernel (or taken from a :class:`~kexue.attention.PreparedMask` that knows
+  them); a per-head :class:`~kexue.attention.LogNScale` or a per-row scale tensor multiplies in, with gradients.
 
 A row that sees no key outputs 0 with zero gradients, as everywhere in :mod:`kexue.attention`. fp16 and bf16
 are computed with fp32 accumulation (p and dS rounded to the input type before their matrix products, as
 FlashAttention does); fp32 in full fp32 products (no TF32). No dropout.
 
 Where it runs: CUDA tensors with ``triton`` installed (``fused_available()``). With ``TRITON_INTERPRET=1`` set
-before the first call, Triton's interpreter runs the same kernels on CPU tensors (slowly): that is how the
-test suite checks them against :func:`~kexue.attention.attention_reference` on a machine without a GPU. The
-reference is the definition; this is a fast path, and ``attention(..., backend="fused")`` is how a model
-asks for it.
-
-Under ``torch.compile`` a call with a ``RankMask`` or no mask traces into the graph as the custom ops
-``kexue::fused_attention_fwd`` / ``kexue::fused_attention_bwd`` (no graph break); a builder's mask tensor, whose
-structure is Python state a trace cannot read, makes the call run outside the graph.
+before the kernels are first imported, Triton's interpreter runs the same kernels on CPU tensors (slowly): that
+is how the kernel tests check them against :func:`~kexue.attention.attention_reference` on a machine without a
+GPU. Under ``torch.compile`` a call traces into the graph as the custom ops ``kexue::fused_attention_fwd`` /
+``kexue::fused_attention_bwd`` (no graph break).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kexue._checks import check_positive
-
-from .masks import _RANK_MAX, RankMask, _as_allowed, _structure_of
-from .scaling import LogNScale, ScaleArg, _row_multiplier
+from ..core import PreparedMask, as_prepared, check_qkv
+from ..ranks import HIDDEN, RankMask
+from ..reference import attention_reference
+from ..scaling import BASE, MIN_N, LogNScale, ScaleArg, check_scale, resolve_scale
 
 __all__ = ["fused_attention", "fused_available"]
 
@@ -49,18 +48,16 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels():
     """The Triton kernels module (imported on first use: importing triton takes a while)."""
     try:
-        from . import _triton_kernels
+        from . import _triton
     except ImportError as exc:          # no triton in this environment
         raise RuntimeError("the fused attention kernel needs Triton (pip install triton) and a CUDA device; "
                            "use backend='sdpa' instead") from exc
-    return _triton_kernels
+    return _triton
 
 
-@functools.lru_cache(maxsize=1)
 def _interpreting() -> bool:
     """Whether the kernels were built for Triton's interpreter (``TRITON_INTERPRET=1`` when first imported)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -90,7 +87,7 @@ def fused_available(device: torch.device | str = "cuda") -> bool:
 # has run these kernels yet) but chosen so that no variant spills registers on sm_90: compiled offline with
 # Triton 3.9 for sm_90a with every feature on (causal, ranks, groups, multiplier, entropy) and off, specialised as
 # a launch with contiguous tensors is and also for any strides, and read with `ptxas -v`
-# (tests/fused_compile_check.py; the earlier picks spilled up to 2.8 KB per thread in fp32 and used 255 registers
+# (scripts/fused-compile-check.py; the earlier picks spilled up to 2.8 KB per thread in fp32 and used 255 registers
 # with 4 warps on 128-row blocks). Registers per thread, every feature on, contiguous, in the comments. With 2 or
 # more stages the loop's loads are software-pipelined (asynchronous copies), which the same check holds them to.
 _GPU_CONFIGS: dict[tuple[str, int, bool], tuple[int, int, int, int]] = {
@@ -138,17 +135,6 @@ class _Spec:
     min_n: float
 
 
-def _prepared(rm: RankMask, device: torch.device) -> tuple[Tensor | None, ...]:
-    """The mask's vectors as int32 on ``device`` (kept on the mask object: a model reuses one mask per layer)."""
-    cache = rm.__dict__.setdefault("_fused_cache", {})
-    got = cache.get(device)
-    if got is None:
-        got = _int32_vectors(rm, device)
-        cache.clear()
-        cache[device] = got
-    return got
-
-
 def _int32_vectors(rm: RankMask, device: torch.device) -> tuple[Tensor | None, ...]:
     def i32(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.to(device=device, dtype=torch.int32).contiguous()
@@ -156,105 +142,57 @@ def _int32_vectors(rm: RankMask, device: torch.device) -> tuple[Tensor | None, .
     return i32(rm.q_rank), i32(rm.k_rank), i32(rm.q_group), i32(rm.k_group)
 
 
-def _resolve_mask(mask: object, is_causal: bool, B: int, Lq: int, Lk: int,
-                  device: torch.device) -> tuple[RankMask | None, Tensor | None, int | None]:
-    """(the RankMask, row counts usable as they are or None, causal offset or None) for ``mask``."""
-    from .core import _MaskMemo
-
-    if isinstance(mask, _MaskMemo):
-        mask = mask.mask
-    rm, counts = _structure_of(mask)
+def _resolve_mask(pm: PreparedMask) -> tuple[RankMask | None, Tensor | None, int | None]:
+    """(the RankMask without its causal part, row counts usable as they are or None, causal offset or None)."""
+    rm = pm.ranks()                     # (ValueError for a mask with a dense part)
+    counts = pm.counts() if pm.counts_known() else None
     offset = None
     if rm is not None:
-        if rm.batch not in (1, B):
-            raise ValueError(f"the mask has batch size {rm.batch}, the inputs {B}")
-        if rm.q_len not in (None, Lq) or rm.k_len != Lk:
-            raise ValueError(f"the mask is for (Q, K) = ({rm.q_len}, {rm.k_len}), the inputs have ({Lq}, {Lk})")
         offset = rm.causal_offset
-    if is_causal:                       # SDPA's is_causal (top-left) on top of the mask
-        offset = 0 if offset is None else min(offset, 0)
-        counts = None
+        if rm.q_rank is None and rm.k_rank is None and rm.q_group is None:
+            rm = None                   # causal only: no vectors to read
     return rm, counts, offset
 
 
-def _resolve_scale(scale: ScaleArg, q: Tensor, Lk: int, rm: RankMask | None, is_causal: bool, min_n: float,
+def _resolve_scale(scale: ScaleArg, q: Tensor, pm: PreparedMask, min_n: float,
                    base: float) -> tuple[bool, Tensor | None, float, float, float]:
     """(entropy?, multiplier ``[B|1, H|1, Q|1]`` or None, kernel scale, min_n, base)."""
     B, H, Lq, D = q.shape
     inv = 1.0 / math.sqrt(D)
     if isinstance(scale, str):
-        if scale == "standard":
-            return False, None, inv, min_n, base
-        if scale == "entropy":
-            return True, None, inv, min_n, base
-        raise ValueError(f"scale must be 'standard', 'entropy', a positive float, a tensor or a callable, "
-                         f"got {scale!r}")
+        return scale == "entropy", None, inv, min_n, base
     if isinstance(scale, LogNScale):    # s_h * log_base(n): the log factor in the kernel, s_h as the multiplier
         if scale.num_heads not in (1, H):
             raise ValueError(f"LogNScale has {scale.num_heads} heads, the inputs {H}")
         return True, scale.s.view(1, -1, 1), inv, scale.min_n, scale.base
-    if isinstance(scale, Tensor):
-        mult, s = _row_multiplier(scale, None, D, min_n, base, q)
-        assert mult is not None
-        return False, mult.reshape((1,) * (4 - mult.dim()) + tuple(mult.shape))[..., 0], s, min_n, base
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        return False, None, check_positive("scale", scale), min_n, base
-    if callable(scale):                 # any other callable: counted here (an L x L pass), then a multiplier
-        allowed = _as_allowed(rm, rm.batch if rm is not None else 1, 1, Lq, Lk, is_causal, q.device)
-        counts = allowed.sum(-1) if allowed is not None else torch.full((Lq,), Lk, device=q.device)
-        mult, s = _row_multiplier(scale, counts, D, min_n, base, q)
-        assert mult is not None
-        return False, mult.reshape((1,) * (4 - mult.dim()) + tuple(mult.shape))[..., 0], s, min_n, base
-    raise TypeError(f"scale must be 'standard', 'entropy', a float, a tensor or a callable, got {type(scale).__name__}")
+    counts = pm.counts() if callable(scale) and not isinstance(scale, Tensor) else None
+    mult, s = resolve_scale(scale, head_dim=D, like=q, counts=counts, min_n=min_n, base=base)
+    if mult is None:
+        return False, None, s, min_n, base
+    return False, mult.reshape((1,) * (4 - mult.dim()) + tuple(mult.shape))[..., 0], s, min_n, base
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: RankMask | Tensor | None = None,
-                    scale: ScaleArg = "standard", min_n: float = 16, base: float = 512,
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: RankMask | PreparedMask | None = None, *,
+                    scale: ScaleArg = "standard", min_n: float = MIN_N, base: float = BASE,
                     is_causal: bool = False) -> Tensor:
     """Softmax attention with the mask and the per-row scale computed inside one Triton kernel (forward and
-    backward), for CUDA tensors.
+    backward), for CUDA tensors. Experimental (never run on a GPU yet; see the module docstring).
 
     Same conventions and results as :func:`~kexue.attention.attention` (``q [B, H, Q, D]``, ``k [B, H, K, D]``,
     ``v [B, H, K, Dv]``; a row that sees no key outputs 0; ``is_causal`` is SDPA's top-left causal mask, ANDed
-    with ``mask``). ``mask`` is ``None``, a :class:`~kexue.attention.masks.RankMask`, or a mask returned by
-    ``unilm_mask``, ``causal_mask``, ``prefix_lm_mask``, ``permutation_mask`` or ``padding_mask`` (their
-    structure travels with them; the L x L tensor itself is never read). ``scale``: ``"standard"``,
-    ``"entropy"`` (``log_base(max(n_i, min_n))/sqrt(d)``, ``n_i`` = keys row ``i`` sees), a float, a
+    with ``mask``). ``mask`` is ``None``, a :class:`~kexue.attention.RankMask`, or a
+    :class:`~kexue.attention.PreparedMask` made of ranks, padding and the causal flag (no dense part: the L x L
+    tensor is never read). ``scale``: ``"standard"``, ``"entropy"``, a float, a
     :class:`~kexue.attention.LogNScale`, a tensor broadcastable to ``[B, H, Q, 1]`` or a callable of the row
-    counts. Inputs: fp16, bf16 or fp32, head dims up to 256. Differentiable in q, k, v and a tensor or
-    learnable scale (not twice). No dropout.
+    counts. Inputs: fp16, bf16 or fp32, head dims up to 256. Differentiable in q, k, v and a tensor or learnable
+    scale (not twice). No dropout.
 
     Example (needs a CUDA device and Triton):
         >>> seg = torch.tensor([[0] * 300 + [1] * 212]).cuda()                  # doctest: +SKIP
         >>> q = k = v = torch.randn(1, 8, 512, 64, device="cuda", dtype=torch.bfloat16)   # doctest: +SKIP
         >>> out = fused_attention(q, k, v, RankMask.unilm(seg), scale="entropy")  # doctest: +SKIP
     """
-    if torch.compiler.is_compiling():
-        from .core import _MaskMemo
-
-        inner = mask.mask if isinstance(mask, _MaskMemo) else mask   # (a Transformer's shared mask wrapper)
-        if inner is None or isinstance(inner, RankMask):   # in the graph, as the custom ops kexue::fused_attention_*
-            return _fused(q, k, v, inner, scale, min_n, base, is_causal, traced=True)
-        return _fused_outside_graph(q, k, v, mask, scale, min_n, base, is_causal)   # a builder's mask: a break
-    return _fused(q, k, v, mask, scale, min_n, base, is_causal)
-
-
-@torch.compiler.disable
-def _fused_outside_graph(*args) -> Tensor:
-    return _fused(*args)
-
-
-# The last launch spec (mask vectors as [B, L] views, flags, numbers), kept while the same mask object comes
-# with the same geometry and scale (as every layer of a model passes one mask): a call then costs the checks,
-# the allocations and the launch. Keyed on a weak reference, so a dead mask's reused id never matches.
-_LAST_SPEC: list = [None, None, None]       # (weak ref to the RankMask or None, key, _Spec)
-
-
-def _fused(q: Tensor, k: Tensor, v: Tensor, mask: object, scale: ScaleArg, min_n: float, base: float,
-           is_causal: bool, traced: bool = False) -> Tensor:
-    from .core import _check_common, _check_qkv, attention_reference
-
-    B, H, Lq, Lk, D = _check_qkv(q, k, v)
+    B, H, Lq, Lk, D = check_qkv(q, k, v)
     if q.dtype not in _DTYPES:
         raise TypeError(f"the fused kernel takes fp16, bf16 or fp32 inputs, got {q.dtype}")
     DV = v.shape[-1]
@@ -262,25 +200,24 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, mask: object, scale: ScaleArg, min_n
         raise ValueError(f"the fused kernel takes head dims up to {_MAX_HEAD_DIM}, got {D} and {DV}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    _check_common(scale, min_n, base, 0.0, traced)
-    if not traced:      # (traced: the op checks it when it runs; the checks read cached module state)
+    if mask is not None and not isinstance(mask, (RankMask, PreparedMask)):
+        raise TypeError(f"the fused kernel takes mask=None, a RankMask or a PreparedMask without a dense part, got "
+                        f"{type(mask).__name__} (use backend='sdpa' for tensors, predicates and block masks)")
+    check_scale(scale, min_n=min_n, base=base)
+    traced = torch.compiler.is_compiling()
+    if not traced:      # (traced: the op checks it when it runs)
         _check_runnable(q)
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    rm, counts, offset = _resolve_mask(mask, is_causal, B, Lq, Lk, q.device)
+    pm = as_prepared(mask, batch=B, heads=H, q_len=Lq, k_len=Lk, is_causal=is_causal, device=q.device)
     if Lq == 0 or Lk == 0:                      # nothing to launch: every row is empty (output 0) or no rows
-        return attention_reference(q, k, v, rm, scale, min_n=min_n, base=base, is_causal=is_causal)
-    entropy, mult, sm_scale, min_n_, base_ = _resolve_scale(scale, q, Lk, rm, is_causal, min_n, base)
-    if traced:          # nothing kept between calls; the launches are custom ops, with their autograd formula
-        spec = _make_spec(rm, counts, offset, entropy, sm_scale, min_n_, base_, q, Lk, keep=False)
+        return attention_reference(q, k, v, pm, scale=scale, min_n=min_n, base=base)
+    rm, counts, offset = _resolve_mask(pm)
+    entropy, mult, sm_scale, min_n_, base_ = _resolve_scale(scale, q, pm, min_n, base)
+    spec = _make_spec(rm, counts, offset, entropy, sm_scale, min_n_, base_, q, Lk)
+    if traced:          # the launches are custom ops, with their autograd formula
         flags, nums = _spec_numbers(spec)
         return _fwd_op(q, k, v, spec.qr, spec.kr, spec.qg, spec.kg, spec.counts, mult, flags, nums)[0]
-    # (the counts belong to the mask: the same RankMask object, checked below, comes with the same counts)
-    key = (B, Lq, Lk, q.device, offset, entropy, sm_scale, float(min_n_), float(base_), counts is None)
-    ref, last_key, spec = _LAST_SPEC
-    if spec is None or last_key != key or (ref() if ref is not None else None) is not rm:
-        spec = _make_spec(rm, counts, offset, entropy, sm_scale, min_n_, base_, q, Lk)
-        _LAST_SPEC[:] = [None if rm is None else weakref.ref(rm), key, spec]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (mult is not None and mult.requires_grad)):
         return _FusedAttention.apply(q, k, v, mult, spec)
@@ -294,34 +231,29 @@ def _check_runnable(q: Tensor) -> None:
 
 
 def _make_spec(rm: RankMask | None, counts: Tensor | None, offset: int | None, entropy: bool, sm_scale: float,
-               min_n: float, base: float, q: Tensor, Lk: int, keep: bool = True) -> _Spec:
-    """The launch spec; ``keep=False`` (while torch.compile traces): nothing read from or kept on the mask object
-    or in module caches."""
+               min_n: float, base: float, q: Tensor, Lk: int) -> _Spec:
+    """The launch spec: the mask vectors as ``[B, L]`` views, flags and numbers."""
     B, _, Lq, _ = q.shape
     qr = kr = qg = kg = None
     if rm is not None:
-        qr, kr, qg, kg = _prepared(rm, q.device) if keep else _int32_vectors(rm, q.device)
+        qr, kr, qg, kg = _int32_vectors(rm, q.device)
     has_rank = qr is not None or kr is not None
     if has_rank and qr is None:     # "above every visible key"
-        qr = torch.full((1, 1), _RANK_MAX - 1, dtype=torch.int32, device=q.device)
+        qr = torch.full((1, 1), HIDDEN - 1, dtype=torch.int32, device=q.device)
     if has_rank and kr is None:
         kr = torch.zeros((1, Lk), dtype=torch.int32, device=q.device)
     has_counts = entropy and counts is not None
-    # (a pointer the kernel never reads; not q: the spec is kept between calls)
-    none = _placeholder(q.device) if keep else torch.zeros(1, dtype=torch.int32, device=q.device)
+    none = torch.zeros(1, dtype=torch.int32, device=q.device)     # (a pointer the kernel never reads)
+    if has_counts:                  # [B|1, H|1, Q|1, 1] -> [B, Q] (the counts do not vary by head)
+        c = counts.to(q.device)[:, 0, :, 0]
+        counts_bq = c.expand(B, Lq)
     return _Spec(
         qr=qr.expand(B, Lq) if has_rank else none, kr=kr.expand(B, Lk) if has_rank else none,
         qg=qg.expand(B, Lq) if qg is not None else none, kg=kg.expand(B, Lk) if kg is not None else none,
-        counts=counts.to(q.device).reshape(counts.shape[0] if counts.dim() == 3 else 1, -1).expand(B, Lq)
-        if has_counts else none,
+        counts=counts_bq if has_counts else none,
         has_rank=has_rank, has_group=qg is not None, has_counts=has_counts, is_causal=offset is not None,
         causal_offset=0 if offset is None else offset, entropy=entropy, sm_scale=sm_scale,
         inv_log2_base=1.0 / math.log2(base), min_n=float(min_n))
-
-
-@functools.lru_cache(maxsize=8)
-def _placeholder(device: torch.device) -> Tensor:
-    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _two_strides(t: Tensor, use: bool) -> tuple[int, int]:

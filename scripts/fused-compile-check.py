@@ -1,8 +1,9 @@
 """Compile every launch setting of the fused kernels for sm_80 and sm_90 with the installed Triton; print one
-JSON line per compiled kernel. Run by tests/test_fused_compile.py in a process of its own: Triton decides at
-import time whether its functions are interpreted, and the other tests switch the interpreter on.
+JSON line per compiled kernel. Run by tests/attention/kernels/test_fused_compile.py in a process of its own:
+Triton decides at import time whether its functions are interpreted, and the other tests switch the interpreter
+on.
 
-    python tests/fused_compile_check.py [CAPABILITY ...]
+    python scripts/fused-compile-check.py [CAPABILITY ...]
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kexue.attention import _triton_kernels as kernels  # noqa: E402
-from kexue.attention.fused import _GPU_CONFIGS  # noqa: E402
+from kexue.attention.kernels import _triton as kernels  # noqa: E402
+from kexue.attention.kernels.fused import _GPU_CONFIGS  # noqa: E402
 
 POINTERS = {"Q": None, "K": None, "V": None, "O": None, "DO": None, "DK": None, "DV_": None, "DQ": None,
             "LSE": "fp32", "CB": "fp32", "DELTA": "fp32", "DC": "fp32", "MULT": "fp32",

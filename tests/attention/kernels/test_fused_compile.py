@@ -1,11 +1,11 @@
 """The fused kernels compile for NVIDIA GPUs (sm_80 and sm_90), here, without a GPU.
 
-Triton's interpreter (tests/test_fused.py) runs the kernels' Python but does not check what only the compiler
-does: that globals are constexpr, that every branch types, that the tiles fit in shared memory, that ptxas takes
-the code (a non-constexpr global passed the interpreter and failed here). This compiles every launch setting in
-``kexue.attention.fused._GPU_CONFIGS`` -- with every optional feature on, and off -- to a cubin for an A100
-(sm_80) and an H100/H200 (sm_90) with the installed Triton, in a process of its own
-(tests/fused_compile_check.py), so that a GPU session does not find such an error; it also holds the settings
+Triton's interpreter (tests/attention/kernels/test_fused.py) runs the kernels' Python but does not check what
+only the compiler does: that globals are constexpr, that every branch types, that the tiles fit in shared
+memory, that ptxas takes the code (a non-constexpr global passed the interpreter and failed here). This compiles
+every launch setting in ``kexue.attention.kernels.fused._GPU_CONFIGS`` -- with every optional feature on, and off
+-- to a cubin for an A100 (sm_80) and an H100/H200 (sm_90) with the installed Triton, in a process of its own
+(scripts/fused-compile-check.py), so that a GPU session does not find such an error; it also holds the settings
 to what they were chosen for: no register spills on sm_90 (read with ``ptxas -v``), and main loops whose loads
 Triton software-pipelines. The kernels are specialised as Triton's launcher specialises a call with contiguous
 tensors (unit strides as the constant 1, the rest divisible by 16) -- without that, nothing is pipelined, and
@@ -28,7 +28,7 @@ if importlib.util.find_spec("triton") is None:
         raise RuntimeError("triton is missing: the test extra installs it (pip install -e '.[test]')")
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from kexue.attention.fused import _GPU_CONFIGS  # noqa: E402
+from kexue.attention.kernels.fused import _GPU_CONFIGS  # noqa: E402
 
 # max dynamic shared memory per block: A100 163 KB, H100/H200 227 KB
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -39,7 +39,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 def test_every_launch_setting_compiles_for_the_gpu_generation(tmp_path, cap):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    script = Path(__file__).with_name("fused_compile_check.py")
+    script = Path(__file__).resolve().parents[3] / "scripts" / "fused-compile-check.py"
     proc = subprocess.run([sys.executable, str(script), str(cap)], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
