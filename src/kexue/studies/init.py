@@ -113,7 +113,7 @@ def _controls() -> dict[str, Any]:
         w.normal_(0.0, math.sqrt(0.5 / w.shape[0]), generator=generator)
 
     def torch_tanh(w: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        ki.geometric_(w, 5 / 3, generator=generator)
+        ki.geometric_(w, gain=5 / 3, generator=generator)
 
     return {"control: var 1": std1, "control: var 0.5/fan_out": half, "geometric, gain 5/3 (torch tanh)": torch_tanh}
 
@@ -137,8 +137,8 @@ def _propagation(ctx: StudyContext, depth: int, width: int, batch: int, reps: in
             if not (name.startswith("geometric, gain 5/3") and act != "tanh")]
     for i, (name, act) in enumerate(ctx.pbar(jobs, desc="init: signal propagation")):
         scheme = schemes.get(name, controls.get(name))
-        runs = torch.stack([ki.signal_propagation(scheme, act, depth=depth, width=width, batch=batch,
-                                                  generator=ctx.generator(1000 * rep + 100 + i))
+        runs = torch.stack([ki.signal_propagation(scheme=scheme, activation=act, depth=depth, width=width,
+                                                  batch=batch, generator=ctx.generator(1000 * rep + 100 + i))
                             for rep in range(reps)])
         # geometric mean over independent networks: a finite-width net's log-norm does a random walk
         # (std ~ sqrt(5 L / n) / 2 for ReLU), so one net alone can leave the band by chance
@@ -163,7 +163,7 @@ def _propagation(ctx: StudyContext, depth: int, width: int, batch: int, reps: in
     rect_rows = []
     for j, (label, widths) in enumerate((("widening", up), ("narrowing", up[::-1]))):
         for k, name in enumerate(("geometric", "lecun", "xavier")):
-            r = ki.signal_propagation(name, "linear", depth=half_depth, width=widths, batch=batch,
+            r = ki.signal_propagation(scheme=name, activation="linear", depth=half_depth, width=widths, batch=batch,
                                       generator=ctx.generator(300 + 10 * j + k))
             rect_rows.append([f"{label} {widths[0]}→{widths[-1]}", name, r[-1].item(), _status(r)])
     rect = Table(
