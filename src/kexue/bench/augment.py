@@ -81,9 +81,9 @@ def run(opts: BenchOptions) -> list[BenchRow]:
 
     cases = [
         ("mixup, per-batch λ ~ Beta(1,1)", "kexue.augment.mixup", "torchbearer Mixup(alpha=1)",
-         lambda: mixup(x, y, 1.0, generator=g), peers["mixup"]),
+         lambda: mixup(x, y, alpha=1.0, generator=g), peers["mixup"]),
         ("CutMix, per-batch box, in place", "cutmix(inplace=True)", "torchbearer CutMix(1, mixup_loss)",
-         lambda: cutmix(buf, y, 1.0, generator=g, inplace=True), peers["cutmix"]),
+         lambda: cutmix(buf, y, alpha=1.0, generator=g, inplace=True), peers["cutmix"]),
         ("SamplePairing (x_a + x_b) / 2", "kexue.augment.sample_pairing", "torchbearer SamplePairing",
          lambda: sample_pairing(x, y, generator=g), peers["pairing"]),
     ]
@@ -96,10 +96,10 @@ def run(opts: BenchOptions) -> list[BenchRow]:
     # beyond the peer: what ours costs in the other modes
     extras = [
         ("mixup, per-sample λ ~ Beta(0.2,0.2)", "mixup(per='sample', 0.2)",
-         lambda: mixup(x, y, 0.2, per="sample", generator=g)),
+         lambda: mixup(x, y, alpha=0.2, per="sample", generator=g)),
         ("CutMix, per-sample boxes, new tensor", "cutmix(per='sample')",
-         lambda: cutmix(x, y, 1.0, per="sample", generator=g)),
-        ("CutMix, per-batch box, new tensor", "cutmix()", lambda: cutmix(x, y, 1.0, generator=g)),
+         lambda: cutmix(x, y, alpha=1.0, per="sample", generator=g)),
+        ("CutMix, per-batch box, new tensor", "cutmix()", lambda: cutmix(x, y, alpha=1.0, generator=g)),
     ]
     for case, ours_name, fn in extras:
         ours_s = time_call(fn, device=device, repeats=repeats)

@@ -86,7 +86,7 @@ def _transform(method: str, epochs: int):
     if method == "ERM":
         return None
     if method == "SamplePairing":
-        return SamplePairing(sample_pairing_schedule(epochs))
+        return SamplePairing(schedule=sample_pairing_schedule(epochs))
     if method == SU:
         return Mixup(alpha="uniform", num_classes=10)
     return Mixup(alpha=0.2, num_classes=10)
