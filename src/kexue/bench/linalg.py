@@ -29,10 +29,10 @@ def _apply_vs_dense(opts: BenchOptions) -> BenchRow:
     a, b = torch.randn(d, generator=g), torch.randn(d, generator=g)
     x = torch.randn(n, d, generator=g)
     a, b, x = a.to(opts.device), b.to(opts.device), x.to(opts.device)
-    m = orthogonal_map(a, b, "rotation")
+    m = orthogonal_map(a, b, kind="rotation")
     T = m.matrix()
     with torch.no_grad():
-        ref = orthogonal_map(a.double(), b.double(), "rotation")(x.double())
+        ref = orthogonal_map(a.double(), b.double(), kind="rotation")(x.double())
         err_ours, err_dense = _rel(m(x), ref), _rel(x @ T.T, ref)
         ours_s, peer_s = compare(lambda: m(x), lambda: x @ T.T, device=opts.device,
                                  repeats=min(opts.repeats, 3), rounds=2)
@@ -52,7 +52,7 @@ def _householder_rows(opts: BenchOptions) -> list[BenchRow]:
         b = -b
     x = torch.randn(n, d, generator=g)
     a, b, x = a.to(opts.device), b.to(opts.device), x.to(opts.device)
-    m = orthogonal_map(a, b, "householder")
+    m = orthogonal_map(a, b, kind="householder")
     # LAPACK form: H = I - tau v v^T with v[0] = 1
     v = a - b
     v = v / v[0]
@@ -60,7 +60,7 @@ def _householder_rows(opts: BenchOptions) -> list[BenchRow]:
     A1 = v.reshape(d, 1)  # ormqr applies the single reflector
     rows = []
     with torch.no_grad():
-        ref = orthogonal_map(a.double(), b.double(), "householder")(x.double())
+        ref = orthogonal_map(a.double(), b.double(), kind="householder")(x.double())
         peer_apply = torch.ormqr(A1, tau1, x.T).T
         err_ours, err_peer = _rel(m(x), ref), _rel(peer_apply, ref)
         ours_s, peer_s = compare(lambda: m(x), lambda: torch.ormqr(A1, tau1, x.T), device=opts.device,
@@ -72,14 +72,14 @@ def _householder_rows(opts: BenchOptions) -> list[BenchRow]:
     # (tau = 0 for the identity reflectors after the first); it is O(k^3), so a smaller k
     k = 1024 if opts.quick else 2048
     ak, bk = a[:k] / a[:k].norm(), b[:k] / b[:k].norm()
-    mk = orthogonal_map(ak, bk, "householder")
+    mk = orthogonal_map(ak, bk, kind="householder")
     vk = ak - bk
     vk = vk / vk[0]
     A = torch.zeros(k, k, device=vk.device)
     A[:, 0] = vk
     tau = torch.cat([(2.0 / (vk @ vk)).reshape(1), torch.zeros(k - 1, device=vk.device)])
     with torch.no_grad():
-        H_ref = orthogonal_map(ak.double(), bk.double(), "householder").matrix()
+        H_ref = orthogonal_map(ak.double(), bk.double(), kind="householder").matrix()
         H_peer = torch.linalg.householder_product(A, tau)
         e_ours = float((mk.matrix().double() - H_ref).norm() / H_ref.norm())
         e_peer = float((H_peer.double() - H_ref).norm() / H_ref.norm())
@@ -116,13 +116,13 @@ def _scipy_rows(opts: BenchOptions) -> list[BenchRow]:
     rows = []
     with torch.no_grad():
         Rs = torch.from_numpy(scipy_all())
-        ours_all = orthogonal_map(an, bn, "rotation").matrix()
+        ours_all = orthogonal_map(an, bn, kind="rotation").matrix()
         map_err_scipy = float((Rs @ an.unsqueeze(-1)).squeeze(-1).sub(bn).norm(dim=-1).max())
         map_err_ours = float((ours_all @ an.unsqueeze(-1)).squeeze(-1).sub(bn).norm(dim=-1).max())
         same = float((Rs - ours_all).abs().max())
-        t1_ours, t1_peer = compare(lambda: orthogonal_map(an[0], bn[0], "rotation").matrix(), scipy_one,
+        t1_ours, t1_peer = compare(lambda: orthogonal_map(an[0], bn[0], kind="rotation").matrix(), scipy_one,
                                    repeats=opts.repeats)
-        tn_ours, tn_peer = compare(lambda: orthogonal_map(an, bn, "rotation").matrix(), scipy_all,
+        tn_ours, tn_peer = compare(lambda: orthogonal_map(an, bn, kind="rotation").matrix(), scipy_all,
                                    repeats=min(opts.repeats, 3), rounds=2)
     extra = {"max_map_err_ours": f"{map_err_ours:.1e}", "max_map_err_scipy": f"{map_err_scipy:.1e}",
              "max_abs_diff_ours_vs_scipy": f"{same:.1e}", "dtype": "float64"}

@@ -69,14 +69,14 @@ def _error_table(ctx: StudyContext, d: int, n: int) -> tuple[list[Table], dict[s
             an = a / a.norm(dim=-1, keepdim=True)
             bn = b / b.norm(dim=-1, keepdim=True)
             for kind in KINDS:
-                m = orthogonal_map(a, b, kind)
+                m = orthogonal_map(a, b, kind=kind)
                 T = m.matrix()
                 stats = _measure(T, m(an), bn)
                 rows.append([case, f"ours: {kind}", EXPECTED_DET[kind], *stats[:4], stats[4]])
                 summary[(str(dtype), case, "ours", kind)] = stats
             for kind in ("householder", "rotation", "symmetric"):
                 with torch.no_grad():
-                    T = naive_matrix(a, b, kind)
+                    T = naive_matrix(a, b, kind=kind)
                 mapped = (T @ an.unsqueeze(-1)).squeeze(-1)
                 stats = _measure(T, mapped, bn)
                 rows.append([case, f"naive: {kind}", EXPECTED_DET[kind], *stats[:4], stats[4]])
@@ -124,13 +124,13 @@ def _speed(ctx: StudyContext, dims: list[int], nvec: int) -> tuple[Table, dict[s
         a = torch.randn(d, generator=g)
         b = torch.randn(d, generator=g)
         x = torch.randn(nvec, d, generator=g)
-        m = orthogonal_map(a, b, "rotation")
+        m = orthogonal_map(a, b, kind="rotation")
         T = m.matrix()
         with torch.no_grad():
             t_apply = _time(lambda m=m, x=x: m(x))
             t_dense = _time(lambda T=T, x=x: x @ T.T)
             t_build = _time(lambda m=m, x=x: x @ m.matrix().T)
-        ref = orthogonal_map(a.double(), b.double(), "rotation")(x.double())
+        ref = orthogonal_map(a.double(), b.double(), kind="rotation")(x.double())
         e_apply = ((m(x).double() - ref).norm() / ref.norm()).item()
         e_dense = (((x @ T.T).double() - ref).norm() / ref.norm()).item()
         rows.append([d, nvec, t_apply * 1e3, t_dense * 1e3, t_build * 1e3, t_dense / t_apply, e_apply, e_dense])
