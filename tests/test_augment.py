@@ -221,16 +221,16 @@ def test_schedule_default_policy_on_off_epochs():
 
 
 def test_sample_pairing_module_follows_schedule():
-    sp = SamplePairing(SamplePairingSchedule(start=1, stop=4, on=2, off=1))
+    sp = SamplePairing(schedule=SamplePairingSchedule(start=1, stop=4, on=2, off=1))
     x, y = torch.randn(5, 3), torch.arange(5)
     for epoch, should in [(0, False), (1, True), (2, True), (3, False), (4, False)]:
-        xo, yo = sp(x, y, gen(0), epoch)
+        xo, yo = sp(x, y, generator=gen(0), epoch=epoch)
         assert torch.equal(yo, y)
         assert (not torch.equal(xo, x)) == should
     with pytest.raises(ValueError, match="epoch"):
         sp(x, y)
     sp.eval()
-    assert sp(x, y, gen(0), 1)[0] is x
+    assert sp(x, y, generator=gen(0), epoch=1)[0] is x
 
 
 # ----------------------------------------------------------------------------------------------- CutMix
@@ -390,21 +390,21 @@ def test_mixup_module_training_step_and_eval_passthrough():
     net = nn.Linear(8, 3)
     m = Mixup(alpha="uniform", per="sample", num_classes=3)
     x, y = torch.randn(5, 8), torch.tensor([0, 1, 2, 1, 0])
-    xm, t = m(x, y, gen(1), 0)
-    ref = mixup(x, y, 1.0, "sample", gen(1))
+    xm, t = m(x, y, generator=gen(1), epoch=0)
+    ref = mixup(x, y, alpha=1.0, per="sample", generator=gen(1))
     assert torch.equal(xm, ref[0]) and torch.equal(t.lam, ref[3])
     loss = mixed_loss(net(xm), t)
     loss.backward()
     assert net.weight.grad is not None
     m.eval()
-    xe, te = m(x, y, gen(1), 0)
+    xe, te = m(x, y, generator=gen(1), epoch=0)
     assert xe is x and te is y
     assert torch.isfinite(mixed_loss(net(x), y))
     c = CutMix(generator=gen(2))
     xc, tc = c(torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 2]))
     assert isinstance(tc, MixedTargets)
     never = Mixup(prob=0.0)
-    assert never(x, y, gen(0))[0] is x
+    assert never(x, y, generator=gen(0))[0] is x
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -454,6 +454,44 @@ def test_bad_inputs_raise_clear_errors():
         mixup(x, torch.rand(4, 3, 2))
 
 
+@pytest.mark.parametrize("bad", [2.0, 1.5, -0.5, -1e-9, 1.0 + 1e-9, float("nan"), float("inf")])
+def test_mixing_weight_outside_unit_interval_is_refused(bad):
+    """Regression: lam=2.0 gave a negative cross-entropy and soft_targets(..., 1.5) rows like [1.5, -0.5, 0]."""
+    logits, ya, yb = torch.randn(3, 3), torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    f64 = torch.float64  # 1 + 1e-9 rounds to 1.0 in float32
+    for lam in (bad, torch.tensor(bad, dtype=f64), torch.tensor([0.5, bad, 0.25], dtype=f64),
+                torch.tensor([0.5, bad if abs(bad) > 1.1 or bad != bad else 2.0, 0.25])):
+        with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
+            mixed_cross_entropy(logits, ya, yb, lam)
+        with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
+            soft_targets(ya, yb, lam, num_classes=3)
+        with pytest.raises(ValueError, match="lam"):
+            mixed_loss(logits, MixedTargets(ya, yb, torch.as_tensor(lam, dtype=torch.float64)))
+
+
+def test_mixing_weight_bounds_and_types():
+    logits, ya, yb = torch.randn(3, 3), torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    for lam in (0, 1, 0.0, 1.0, torch.tensor([0.0, 1.0, 0.5])):   # the closed interval is fine
+        assert torch.isfinite(mixed_cross_entropy(logits, ya, yb, lam))
+        assert bool((soft_targets(ya, yb, lam, num_classes=3) >= 0).all())
+    with pytest.raises(TypeError, match="lam"):
+        mixed_cross_entropy(logits, ya, yb, "0.5")
+    with pytest.raises(TypeError, match="lam"):
+        soft_targets(ya, yb, torch.tensor(True), num_classes=3)
+
+
+def test_options_and_generator_are_keyword_only():
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
+    g = torch.Generator().manual_seed(0)
+    for call in (lambda: mixup(x, y, 1.0), lambda: cutmix(x, y, 1.0), lambda: sample_pairing(x, y, g),
+                 lambda: soft_targets(y, y, 0.5, 3), lambda: mixed_cross_entropy(torch.randn(4, 3), y, y, 0.5, 0.1),
+                 lambda: mixed_loss(torch.randn(4, 3), y, 0.1), lambda: Mixup(1.0), lambda: CutMix(1.0),
+                 lambda: SamplePairing(SamplePairingSchedule()), lambda: SamplePairingSchedule(1, 2),
+                 lambda: Mixup()(x, y, g), lambda: SamplePairing()(x, y, g)):
+        with pytest.raises(TypeError, match="positional"):
+            call()
+
+
 def test_transforms_drop_into_fit_as_batch_transform():
     from kexue.train import TrainConfig, fit
 
@@ -462,7 +500,7 @@ def test_transforms_drop_into_fit_as_batch_transform():
     y = (x.mean((1, 2, 3)) > 0).long()
     cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, progress=False, log=False)
     makers = (lambda net: Mixup(alpha="uniform"), lambda net: CutMix(alpha=1.0),
-              lambda net: SamplePairing(SamplePairingSchedule(start=1, stop=2, on=1, off=1)),
+              lambda net: SamplePairing(schedule=SamplePairingSchedule(start=1, stop=2, on=1, off=1)),
               lambda net: ManifoldMixup(net, ["1", "input"], alpha=1.0).batch_transform)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny layers: one thread avoids contention on a shared machine

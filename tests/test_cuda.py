@@ -155,7 +155,7 @@ def test_fit_on_cuda_resumes_to_the_uninterrupted_weights(tmp_path):
 
         net, data, cfg = _problem(tmp_path / "cut")
 
-        def die(xb, yb, gen, epoch):
+        def die(xb, yb, *, generator, epoch):
             if epoch == 2:
                 raise _Interrupt
             return xb, yb

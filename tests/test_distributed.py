@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent('''
     info = D.init_from_env()
     assert info.world_size == 2 and D.get_world_size() == 2
     sizes = []
-    def count(x, y, gen, epoch):
+    def count(x, y, *, generator, epoch):
         sizes.append(x.shape[0])
         return x, y
     h = fit(model, data, cfg, loss_fn=loss, eval_data=evald, batch_transform=count,

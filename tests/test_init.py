@@ -46,7 +46,7 @@ def test_conv_layer_fans():
 def test_variance_scaling_matches_formula(shape, mode, distribution):
     fi, fo = fans(shape)
     fan = {"fan_in": fi, "fan_out": fo, "fan_avg": (fi + fo) / 2}[mode]
-    w = ki.variance_scaling_(torch.empty(shape), 1.7, mode, distribution, generator=gen(1))
+    w = ki.variance_scaling_(torch.empty(shape), scale=1.7, mode=mode, distribution=distribution, generator=gen(1))
     assert_var(w, 1.7 / fan)
     std = math.sqrt(1.7 / fan)
     if distribution == "truncated_normal":
@@ -62,7 +62,8 @@ def test_truncation_correction_constant():
     z = math.erf(2 / math.sqrt(2))
     assert ki.TRUNC_STD_CORRECTION == pytest.approx(math.sqrt(1 - 4 * phi / z), abs=1e-12)
     # without correction the variance would be 0.774 of the target: check our samples are not that
-    w = ki.variance_scaling_(torch.empty(512, 512), 1.0, "fan_in", "truncated_normal", generator=gen(2))
+    w = ki.variance_scaling_(torch.empty(512, 512), scale=1.0, mode="fan_in", distribution="truncated_normal",
+                             generator=gen(2))
     assert_var(w, 1 / 512, rel=0.02)
 
 
@@ -71,7 +72,7 @@ def test_named_inits_match_formulas(shape):
     fi, fo = fans(shape)
     assert_var(ki.geometric_(torch.empty(shape), generator=gen(3)), 1 / fo)
     assert_var(ki.geometric_(torch.empty(shape), gain=math.sqrt(2), generator=gen(3)), 2 / fo)
-    assert_var(ki.geometric_(torch.empty(shape), 0.5, distribution="uniform", generator=gen(3)), 0.25 / fo)
+    assert_var(ki.geometric_(torch.empty(shape), gain=0.5, distribution="uniform", generator=gen(3)), 0.25 / fo)
     assert_var(ki.lecun_normal_(torch.empty(shape), generator=gen(4)), 1 / fi)
     assert_var(ki.lecun_normal_(torch.empty(shape), distribution="normal", generator=gen(4)), 1 / fi)
     assert_var(ki.xavier_normal_(torch.empty(shape), generator=gen(5)), 2 / (fi + fo))
@@ -91,6 +92,82 @@ def test_trunc_normal_bounds_are_in_std_units():
     assert w.std().item() == pytest.approx(0.02 * ki.TRUNC_STD_CORRECTION, rel=0.02)
     w = ki.trunc_normal_(torch.empty(200_000), std=1.0, a=-1.0, b=3.0, generator=gen(8))
     assert w.min().item() >= -1.0 and w.max().item() <= 3.0
+
+
+def _truncnorm_reference(a: float, b: float) -> tuple[float, float]:
+    """Mean and std of N(0, 1) truncated to [a, b] by quadrature of exp(-x^2/2) normalised on a fine grid (valid
+    for any bounds, also where scipy's closed forms lose digits, e.g. very narrow windows)."""
+    import numpy as np
+
+    lo = b - 12.0 if math.isinf(a) else a  # mass beyond 12 std of the finite bound: < 1e-31 of the total
+    hi = a + 12.0 if math.isinf(b) else b
+    x = np.linspace(lo, hi, 400_001)
+    logd = -0.5 * x * x
+    w = np.exp(logd - logd.max())
+    z = np.trapezoid(w, x)
+    mean = np.trapezoid(x * w, x) / z
+    var = np.trapezoid((x - mean) ** 2 * w, x) / z
+    return float(mean), float(math.sqrt(var))
+
+
+# far tails (both sides; scipy.stats.truncnorm is exact there), one-sided, very narrow, and ordinary windows
+TRUNC_BOUNDS = [(8.0, 9.0), (10.0, 11.0), (-11.0, -10.0), (-9.0, -8.0), (3.0, math.inf), (-math.inf, -5.0),
+                (38.0, math.inf), (-40.0, -39.0), (1.0, 1.001), (10.0, 10.0001), (-0.1, 0.1),
+                (-2.0, 2.0), (-1.0, 3.0), (0.5, 0.6), (-math.inf, 0.3)]
+
+
+@pytest.mark.parametrize(("a", "b"), TRUNC_BOUNDS)
+def test_trunc_normal_matches_scipy_truncnorm_in_the_tails(a, b):
+    """Regression: the inverse CDF went through 0.5 (1 + erf(x / sqrt 2)), which is 1.0 beyond ~8 std, so
+    [10, 11] gave 11.0 for every sample and [8, 9] a std of 0.261 instead of 0.119."""
+    stats = pytest.importorskip("scipy.stats")
+    n = 20_000
+    w = ki.trunc_normal_(torch.empty(n, dtype=torch.float64), a=a, b=b, generator=gen(21))
+    assert bool(torch.isfinite(w).all()) and w.min().item() >= a and w.max().item() <= b
+    ref = stats.truncnorm(a, b)
+    ks = stats.kstest(w.numpy(), ref.cdf).statistic
+    assert ks < 1.63 / math.sqrt(n), ks  # the 1% critical value
+    mean, std = _truncnorm_reference(a, b)
+    if b - a > 1e-2:  # scipy's moments agree with the quadrature there (not on 1e-4 windows: its std is off)
+        assert mean == pytest.approx(ref.mean(), abs=1e-6 * max(1.0, abs(mean)))
+        assert std == pytest.approx(ref.std(), rel=1e-4)
+    se = std / math.sqrt(n)
+    assert abs(w.mean().item() - mean) < 5 * se
+    assert w.std().item() == pytest.approx(std, rel=0.05)
+
+
+def test_trunc_normal_far_tail_scaled_and_in_low_precision():
+    w = ki.trunc_normal_(torch.empty(4000), mean=1.0, std=0.5, a=10.0, b=11.0, generator=gen(22))
+    assert w.dtype == torch.float32 and w.min().item() >= 6.0 and w.max().item() <= 6.5
+    assert w.mean().item() == pytest.approx(1.0 + 0.5 * 10.098068, abs=0.01)
+    assert len(torch.unique(w)) > 3000                         # not one value repeated (the old 11.0)
+    h = ki.trunc_normal_(torch.empty(4000, dtype=torch.bfloat16), a=-11.0, b=-10.0, generator=gen(22))
+    assert h.dtype == torch.bfloat16 and h.float().mean().item() == pytest.approx(-10.098, abs=0.02)
+    g1 = ki.trunc_normal_(torch.empty(100), a=10.0, b=11.0, generator=gen(5))
+    assert torch.equal(g1, ki.trunc_normal_(torch.empty(100), a=10.0, b=11.0, generator=gen(5)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_trunc_normal_refuses_non_finite_mean_and_std(bad):
+    with pytest.raises(ValueError, match="mean"):
+        ki.trunc_normal_(torch.empty(3), mean=bad)
+    with pytest.raises(ValueError, match="std"):
+        ki.trunc_normal_(torch.empty(3), std=bad)
+    with pytest.raises(TypeError, match="mean"):
+        ki.trunc_normal_(torch.empty(3), mean="0")
+    with pytest.raises(ValueError, match="a must be < b"):
+        ki.trunc_normal_(torch.empty(3), a=float("nan"))
+
+
+def test_options_are_keyword_only():
+    w = torch.empty(4, 4)
+    for call in (lambda: ki.trunc_normal_(w, 0.0, 1.0), lambda: ki.variance_scaling_(w, 2.0),
+                 lambda: ki.geometric_(w, 2.0), lambda: ki.xavier_normal_(w, 1.0), lambda: ki.xavier_uniform_(w, 1.0),
+                 lambda: ki.he_normal_(w, "fan_in"), lambda: ki.orthogonal_(w, 1.0),
+                 lambda: ki.initialize(nn.Linear(2, 2), "he"), lambda: ki.signal_propagation("he"),
+                 lambda: ki.gain("leaky_relu", 0.2)):
+        with pytest.raises(TypeError, match="positional"):
+            call()
 
 
 def test_generator_reproducibility():
@@ -149,7 +226,7 @@ def test_initialize_small_model():
         nn.Linear(64, 10))
     emb = nn.Embedding(50, 32, padding_idx=0)
     holder = nn.ModuleDict({"net": model, "emb": emb})
-    out = ki.initialize(holder, "geometric", "relu", generator=gen(15))
+    out = ki.initialize(holder, scheme="geometric", nonlinearity="relu", generator=gen(15))
     assert out is holder
     for m in holder.modules():
         if getattr(m, "bias", None) is not None and not isinstance(m, nn.BatchNorm2d):
@@ -166,33 +243,33 @@ def test_initialize_small_model():
     # every scheme runs, and a model still gives finite outputs
     x = torch.randn(2, 3, 4, 4)
     for scheme in ki.SCHEMES:
-        ki.initialize(model, scheme, "relu", generator=gen(16))
+        ki.initialize(model, scheme=scheme, nonlinearity="relu", generator=gen(16))
         assert torch.isfinite(model(x)).all()
-    ki.initialize(model, "orthogonal", "tanh", generator=gen(17))
+    ki.initialize(model, scheme="orthogonal", nonlinearity="tanh", generator=gen(17))
     w = model[5].weight.detach()
     assert ki.orthogonality_error(w.T).item() < 1e-10  # 64 x 512: orthonormal rows
     # a callable scheme
-    ki.initialize(model, lambda w, generator=None: w.fill_(0.5), generator=gen(0))
+    ki.initialize(model, scheme=lambda w, generator=None: w.fill_(0.5), generator=gen(0))
     assert torch.all(model[7].weight == 0.5)
 
 
 def test_signal_propagation_keeps_or_loses_norm():
-    r = ki.signal_propagation("he", "relu", depth=50, width=128, generator=gen(18))
+    r = ki.signal_propagation(scheme="he", activation="relu", depth=50, width=128, generator=gen(18))
     assert r.shape == (51,) and r[0].item() == 1.0
     assert 0.5 < r[-1].item() < 2
-    r = ki.signal_propagation("geometric", "linear", depth=50, width=128, generator=gen(18))
+    r = ki.signal_propagation(scheme="geometric", activation="linear", depth=50, width=128, generator=gen(18))
     assert 0.5 < r[-1].item() < 2
     # LeCun (no ReLU gain) loses a factor sqrt(2) per ReLU layer: 2^-25 after 50 layers
-    r = ki.signal_propagation("lecun", "relu", depth=50, width=128, generator=gen(18))
+    r = ki.signal_propagation(scheme="lecun", activation="relu", depth=50, width=128, generator=gen(18))
     assert r[-1].item() < 1e-5
     # variance 1 explodes
-    r = ki.signal_propagation(lambda w, generator=None: w.normal_(0, 1, generator=generator), "linear",
-                              depth=10, width=128, generator=gen(18))
+    r = ki.signal_propagation(scheme=lambda w, generator=None: w.normal_(0, 1, generator=generator),
+                              activation="linear", depth=10, width=128, generator=gen(18))
     assert r[-1].item() > 1e8
     # the geometric rule handles rectangular layers that LeCun gets wrong when widening
     widths = [32 * 2 ** min(i, 4) for i in range(11)]
-    geo = ki.signal_propagation("geometric", "linear", depth=10, width=widths, generator=gen(19))
-    lec = ki.signal_propagation("lecun", "linear", depth=10, width=widths, generator=gen(19))
+    geo = ki.signal_propagation(scheme="geometric", activation="linear", depth=10, width=widths, generator=gen(19))
+    lec = ki.signal_propagation(scheme="lecun", activation="linear", depth=10, width=widths, generator=gen(19))
     assert 0.8 < geo[-1].item() < 1.25
     assert lec[-1].item() > 3.5  # sqrt(16) ideally
 
@@ -232,13 +309,13 @@ def test_bad_inputs_raise():
     with pytest.raises(TypeError, match="module"):
         ki.initialize(torch.empty(2, 2))
     with pytest.raises(ValueError, match="scheme"):
-        ki.signal_propagation("kaiming")
+        ki.signal_propagation(scheme="kaiming")
     with pytest.raises(ValueError, match="activation"):
-        ki.signal_propagation("he", "softplus")
+        ki.signal_propagation(scheme="he", activation="softplus")
     with pytest.raises(ValueError, match="depth"):
-        ki.signal_propagation("he", depth=0)
+        ki.signal_propagation(scheme="he", depth=0)
     with pytest.raises(ValueError, match="width"):
-        ki.signal_propagation("he", depth=3, width=[4, 4])
+        ki.signal_propagation(scheme="he", depth=3, width=[4, 4])
     with pytest.raises(ValueError, match="weight"):
         ki.orthogonality_error(torch.ones(3))
 

@@ -49,7 +49,7 @@ def test_maps_a_to_b_and_is_orthogonal(dtype, kind, d):
     for i, cos in enumerate(COSINES):
         a64, b64 = pair_with_cos(d, cos, batch=(4,), seed=i + 10 * d)
         a, b = a64.to(dtype), b64.to(dtype)
-        m = orthogonal_map(a, b, kind)
+        m = orthogonal_map(a, b, kind=kind)
         an, bn = unit(a), unit(b)
         err = (m(an) - bn).norm(dim=-1).max().item()
         assert err < TOL[dtype], (cos, err)
@@ -65,7 +65,7 @@ def test_maps_a_to_b_and_is_orthogonal(dtype, kind, d):
 def test_determinants(kind, d):
     for i, cos in enumerate(COSINES):
         a, b = pair_with_cos(d, cos, seed=i)
-        m = orthogonal_map(a, b, kind)
+        m = orthogonal_map(a, b, kind=kind)
         want = EXACT_DET[kind](d)
         assert m.det().item() == want
         assert torch.linalg.det(m.matrix()).item() == pytest.approx(want, abs=1e-10)
@@ -75,11 +75,11 @@ def test_auto_picks_stable_branch_and_its_det():
     d = 5
     a, b = pair_with_cos(d, 0.5, seed=1)
     m = orthogonal_map(a, b)  # a.b >= 0: symmetric form -H(a+b)
-    assert torch.allclose(m.matrix(), orthogonal_map(a, b, "symmetric").matrix(), atol=1e-12)
+    assert torch.allclose(m.matrix(), orthogonal_map(a, b, kind="symmetric").matrix(), atol=1e-12)
     assert m.det().item() == (-1.0) ** (d - 1)
     a, b = pair_with_cos(d, -0.5, seed=1)
     m = orthogonal_map(a, b)  # a.b < 0: Householder H(a-b)
-    assert torch.allclose(m.matrix(), orthogonal_map(a, b, "householder").matrix(), atol=1e-12)
+    assert torch.allclose(m.matrix(), orthogonal_map(a, b, kind="householder").matrix(), atol=1e-12)
     assert m.det().item() == -1.0
     # a batch mixing both branches
     a = torch.stack([pair_with_cos(d, 0.5, seed=1)[0], pair_with_cos(d, -0.5, seed=1)[0]])
@@ -93,10 +93,10 @@ def test_auto_picks_stable_branch_and_its_det():
 def test_closed_forms_match_article_for_generic_pairs(d):
     a, b = pair_with_cos(d, 0.2, batch=(3,), seed=5)
     for kind in ("householder", "rotation", "symmetric"):
-        assert torch.allclose(orthogonal_map(a, b, kind).matrix(), naive_matrix(a, b, kind), atol=1e-12)
+        assert torch.allclose(orthogonal_map(a, b, kind=kind).matrix(), naive_matrix(a, b, kind=kind), atol=1e-12)
     a, b = pair_with_cos(d, -0.7, batch=(3,), seed=6)
     for kind in ("householder", "rotation", "symmetric"):
-        assert torch.allclose(orthogonal_map(a, b, kind).matrix(), naive_matrix(a, b, kind), atol=1e-12)
+        assert torch.allclose(orthogonal_map(a, b, kind=kind).matrix(), naive_matrix(a, b, kind=kind), atol=1e-12)
 
 
 def test_article_example_and_symmetry_properties():
@@ -104,22 +104,22 @@ def test_article_example_and_symmetry_properties():
     b = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0], dtype=torch.float64)
     an, bn = unit(a), unit(b)
     for kind in ("householder", "symmetric"):
-        T = orthogonal_map(a, b, kind).matrix()
+        T = orthogonal_map(a, b, kind=kind).matrix()
         assert torch.allclose(T, T.T, atol=1e-14)
         assert torch.allclose(T @ bn, an, atol=1e-14)  # symmetric forms also map b to a
-    R = orthogonal_map(a, b, "rotation").matrix()
+    R = orthogonal_map(a, b, kind="rotation").matrix()
     assert not torch.allclose(R @ bn, an, atol=1e-3)  # the rotation does not
     # on the complement of span{a, b}: rotation and householder are I, symmetric is -I
     q, _ = torch.linalg.qr(torch.stack([an, bn, torch.randn(5, dtype=torch.float64)], 1))
     z = q[:, 2]
     assert torch.allclose(R @ z, z, atol=1e-14)
-    assert torch.allclose(orthogonal_map(a, b, "householder")(z), z, atol=1e-14)
-    assert torch.allclose(orthogonal_map(a, b, "symmetric")(z), -z, atol=1e-14)
+    assert torch.allclose(orthogonal_map(a, b, kind="householder")(z), z, atol=1e-14)
+    assert torch.allclose(orthogonal_map(a, b, kind="symmetric")(z), -z, atol=1e-14)
 
 
 def test_rotation_at_antipodal_pair_uses_documented_plane():
     a = unit(torch.tensor([0.5, -0.1, 2.0, 0.3], dtype=torch.float64))
-    m = orthogonal_map(a, -a, "rotation")
+    m = orthogonal_map(a, -a, kind="rotation")
     k = 1  # smallest |a_k|
     p = torch.zeros(4, dtype=torch.float64)
     p[k] = 1.0
@@ -133,15 +133,15 @@ def test_rotation_at_antipodal_pair_uses_documented_plane():
         assert torch.allclose(m(q[:, j]), q[:, j], atol=1e-14)
     assert m.det().item() == 1.0
     # a = b gives exactly the identity for rotation and auto-symmetric maps a to a
-    assert torch.allclose(orthogonal_map(a, a, "rotation").matrix(), torch.eye(4, dtype=torch.float64), atol=1e-15)
+    assert torch.allclose(orthogonal_map(a, a, kind="rotation").matrix(), torch.eye(4, dtype=torch.float64), atol=1e-15)
 
 
 def test_rotation_near_antipodal_stays_a_rotation():
     # the naive rotation formula loses orthogonality near a = -b; ours does not
     a, b = pair_with_cos(16, -(1 - 1e-7), seed=3)
     a, b = a.float(), b.float()
-    ours = orthogonal_map(a, b, "rotation").matrix()
-    naive = naive_matrix(a, b, "rotation")
+    ours = orthogonal_map(a, b, kind="rotation").matrix()
+    naive = naive_matrix(a, b, kind="rotation")
     assert ortho_error(ours) < 1e-6
     assert abs(torch.linalg.det(ours.double()).item() - 1) < 1e-6
     assert ortho_error(naive) > 1e-3  # documents the failure we fix
@@ -149,15 +149,15 @@ def test_rotation_near_antipodal_stays_a_rotation():
 
 def test_naive_forms_are_nan_at_their_singularities():
     a = torch.tensor([1.0, 0.0, 0.0])
-    assert torch.isnan(naive_matrix(a, a, "householder")).any()
-    assert torch.isnan(naive_matrix(a, -a, "rotation")).any()
-    assert torch.isnan(naive_matrix(a, -a, "symmetric")).any()
+    assert torch.isnan(naive_matrix(a, a, kind="householder")).any()
+    assert torch.isnan(naive_matrix(a, -a, kind="rotation")).any()
+    assert torch.isnan(naive_matrix(a, -a, kind="symmetric")).any()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_inverse(kind):
     a, b = pair_with_cos(6, -0.4, batch=(2, 3), seed=2)
-    m = orthogonal_map(a, b, kind)
+    m = orthogonal_map(a, b, kind=kind)
     inv = m.inverse()
     assert isinstance(inv, OrthogonalMap)
     x = torch.randn(2, 3, 6, dtype=torch.float64)
@@ -172,13 +172,13 @@ def test_batching_and_broadcasting(kind):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 1, 5, dtype=torch.float64, generator=g)
     b = torch.randn(4, 5, dtype=torch.float64, generator=g)
-    m = orthogonal_map(a, b, kind)
+    m = orthogonal_map(a, b, kind=kind)
     assert m.batch_shape == (3, 4)
     T = m.matrix()
     assert T.shape == (3, 4, 5, 5)
     for i in range(3):
         for j in range(4):
-            single = orthogonal_map(a[i, 0], b[j], kind).matrix()
+            single = orthogonal_map(a[i, 0], b[j], kind=kind).matrix()
             assert torch.allclose(T[i, j], single, atol=1e-13)
     # x broadcasts against the batch shape: one x for all maps, and per-map x
     x = torch.randn(5, dtype=torch.float64, generator=g)
@@ -187,7 +187,7 @@ def test_batching_and_broadcasting(kind):
     xs = torch.randn(3, 4, 5, dtype=torch.float64, generator=g)
     assert torch.allclose(m(xs), (T @ xs.unsqueeze(-1)).squeeze(-1), atol=1e-13)
     # one map applied to many vectors (the fast matrix-vector path)
-    m1 = orthogonal_map(a[0, 0], b[0], kind)
+    m1 = orthogonal_map(a[0, 0], b[0], kind=kind)
     X = torch.randn(7, 2, 5, dtype=torch.float64, generator=g)
     X0 = X.clone()
     assert torch.allclose(m1(X), X @ m1.matrix().T, atol=1e-13)
@@ -200,7 +200,7 @@ def test_batching_and_broadcasting(kind):
 def test_inputs_are_normalised():
     a, b = pair_with_cos(4, 0.1, seed=4)
     for kind in KINDS:
-        m1, m2 = orthogonal_map(a, b, kind), orthogonal_map(3.0 * a, 0.01 * b, kind)
+        m1, m2 = orthogonal_map(a, b, kind=kind), orthogonal_map(3.0 * a, 0.01 * b, kind=kind)
         assert torch.allclose(m1.matrix(), m2.matrix(), atol=1e-14)
 
 
@@ -211,8 +211,8 @@ def test_gradcheck(kind, cos):
     a = (2.0 * a0).requires_grad_()
     b = (0.5 * b0).requires_grad_()
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, x: orthogonal_map(a, b, kind)(x), (a, b, x))
-    assert torch.autograd.gradcheck(lambda a, b: orthogonal_map(a, b, kind).matrix(), (a, b))
+    assert torch.autograd.gradcheck(lambda a, b, x: orthogonal_map(a, b, kind=kind)(x), (a, b, x))
+    assert torch.autograd.gradcheck(lambda a, b: orthogonal_map(a, b, kind=kind).matrix(), (a, b))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -221,7 +221,7 @@ def test_gradients_finite_at_degenerate_pairs(kind):
         a = a0.clone().requires_grad_()
         b = b0.clone().requires_grad_()
         x = torch.randn(5, dtype=torch.float64, requires_grad=True)
-        orthogonal_map(a, b, kind)(x).square().sum().backward()
+        orthogonal_map(a, b, kind=kind)(x).square().sum().backward()
         for t in (a, b, x):
             assert torch.isfinite(t.grad).all()
 
@@ -231,12 +231,12 @@ def test_gradients_finite_at_degenerate_pairs(kind):
 def test_low_precision_in_same_dtype_out(dtype, kind):
     a, b = pair_with_cos(8, -0.9, batch=(3,), seed=8)
     x = torch.randn(3, 8, dtype=torch.float64)
-    m = orthogonal_map(a.to(dtype), b.to(dtype), kind)
+    m = orthogonal_map(a.to(dtype), b.to(dtype), kind=kind)
     y = m(x.to(dtype))
     assert y.dtype == dtype
     assert m.matrix().dtype == dtype
     # computed in fp32 then rounded once: close to the fp64 answer within the output dtype's resolution
-    ref = orthogonal_map(a.to(dtype).double(), b.to(dtype).double(), kind)(x.to(dtype).double())
+    ref = orthogonal_map(a.to(dtype).double(), b.to(dtype).double(), kind=kind)(x.to(dtype).double())
     rel = (y.double() - ref).norm() / ref.norm()
     assert rel.item() < 2 * torch.finfo(dtype).eps
     # a low-precision map applied to fp32 x computes and returns fp32
@@ -271,7 +271,7 @@ def test_bad_inputs_raise():
     with pytest.raises(TypeError, match="x must be"):
         m([1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="kind"):
-        naive_matrix(a, a, "auto")
+        naive_matrix(a, a, kind="auto")
 
 
 @settings(max_examples=40, deadline=None)
@@ -286,7 +286,7 @@ def test_property_random_shapes(d, batch, kind, cos, dtype, seed):
     else:
         a64, b64 = pair_with_cos(d, cos, batch=tuple(batch), seed=seed)
     a, b = a64.to(dtype), b64.to(dtype)
-    m = orthogonal_map(a, b, kind)
+    m = orthogonal_map(a, b, kind=kind)
     an, bn = unit(a), unit(b)
     assert (m(an) - bn).norm(dim=-1).max().item() < TOL[dtype]
     T = m.matrix()

@@ -26,7 +26,7 @@ def _cosines(n: int, c: int, dtype=torch.float64, seed: int = 0) -> tuple[torch.
 @pytest.mark.parametrize("scale,margin", [(30.0, 0.35), (10.0, 0.0), (64.0, 0.5)])
 def test_am_softmax_equals_log1p_sum_form(scale, margin):
     cos, t = _cosines(32, 7)
-    ours = L.am_softmax(cos, t, scale, margin, reduction="none")
+    ours = L.am_softmax(cos, t, scale=scale, margin=margin, reduction="none")
     ct = cos.gather(1, t[:, None])
     terms = torch.exp(scale * (cos + margin - ct))
     terms = terms.masked_fill(F.one_hot(t, 7).bool(), 0.0)
@@ -36,8 +36,8 @@ def test_am_softmax_equals_log1p_sum_form(scale, margin):
 
 def test_margin_zero_is_normface():
     cos, t = _cosines(16, 5)
-    torch.testing.assert_close(L.am_softmax(cos, t, 30.0, 0.0), L.normface(cos, t, 30.0))
-    torch.testing.assert_close(L.am_softmax(cos, t, 30.0, 0.0), F.cross_entropy(30.0 * cos, t))
+    torch.testing.assert_close(L.am_softmax(cos, t, scale=30.0, margin=0.0), L.normface(cos, t, scale=30.0))
+    torch.testing.assert_close(L.am_softmax(cos, t, scale=30.0, margin=0.0), F.cross_entropy(30.0 * cos, t))
     am, nf = L.AMSoftmaxLoss(6, 5, margin=0.0), L.NormFaceLoss(6, 5)
     nf.load_state_dict(am.state_dict())
     z = torch.randn(9, 6)
@@ -53,7 +53,7 @@ def test_distance_margin_equals_article_formula():
         dt = d.gather(1, t[:, None])
         terms = torch.exp(s * (dt + m - d)).masked_fill(F.one_hot(t, 6).bool(), 0.0)
         ref = torch.log1p(terms.sum(1))
-        ours = L.distance_margin(cos, t, s, m, distance=dist, reduction="none")
+        ours = L.distance_margin(cos, t, scale=s, margin=m, distance=dist, reduction="none")
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
@@ -63,26 +63,29 @@ def test_sqrt_one_minus_cos_is_a_metric_but_one_minus_cos_is_not():
     cxy, cyz, cxz = (x * y).sum(-1), (y * z).sum(-1), (x * z).sum(-1)
     d = L.cosine_distance
     for dist in ("sqrt_cosine", "euclidean"):
-        assert bool((d(cxz, dist) <= d(cxy, dist) + d(cyz, dist) + 1e-12).all())
+        assert bool((d(cxz, distance=dist) <= d(cxy, distance=dist) + d(cyz, distance=dist) + 1e-12).all())
     # 1 - cos: x at 0, y at 45, z at 90 degrees: 1 > 2 (1 - cos 45) = 0.586
     a = torch.tensor([0.0, math.pi / 4, math.pi / 2], dtype=torch.float64)
     p = torch.stack([a.cos(), a.sin()], 1)
     one_minus = lambda u, v: 1 - (u * v).sum()  # noqa: E731
     assert one_minus(p[0], p[2]) > one_minus(p[0], p[1]) + one_minus(p[1], p[2]) + 0.4
-    sq = lambda u, v: d((u * v).sum(), "sqrt_cosine")  # noqa: E731
+    sq = lambda u, v: d((u * v).sum(), distance="sqrt_cosine")  # noqa: E731
     assert sq(p[0], p[2]) <= sq(p[0], p[1]) + sq(p[1], p[2])
 
 
 def test_combined_margin_special_cases():
     cos, t = _cosines(24, 9)
-    torch.testing.assert_close(L.combined_margin(cos, t, 30.0, 1.0, 0.0, 0.35), L.am_softmax(cos, t, 30.0, 0.35))
-    torch.testing.assert_close(L.combined_margin(cos, t, 64.0, 1.0, 0.5, 0.0), L.arcface(cos, t, 64.0, 0.5))
-    torch.testing.assert_close(L.combined_margin(cos, t, 30.0, 1.0, 0.0, 0.0), L.normface(cos, t, 30.0))
-    torch.testing.assert_close(L.combined_margin_logits(cos, t, 64.0, 1.0, 0.5, 0.0),
-                               L.arcface_logits(cos, t, 64.0, 0.5))
+    cm, cml = L.combined_margin, L.combined_margin_logits
+    torch.testing.assert_close(cm(cos, t, scale=30.0, m1=1.0, m2=0.0, m3=0.35),
+                               L.am_softmax(cos, t, scale=30.0, margin=0.35))
+    torch.testing.assert_close(cm(cos, t, scale=64.0, m1=1.0, m2=0.5, m3=0.0),
+                               L.arcface(cos, t, scale=64.0, margin=0.5))
+    torch.testing.assert_close(cm(cos, t, scale=30.0, m1=1.0, m2=0.0, m3=0.0), L.normface(cos, t, scale=30.0))
+    torch.testing.assert_close(cml(cos, t, scale=64.0, m1=1.0, m2=0.5, m3=0.0),
+                               L.arcface_logits(cos, t, scale=64.0, margin=0.5))
     # m1 > 1 (SphereFace-style): cos(m1 theta) on the target where m1 theta <= pi
     c = torch.tensor([[0.9, 0.1]], dtype=torch.float64)
-    lg = L.combined_margin_logits(c, torch.tensor([0]), 1.0, 2.0, 0.0, 0.0)
+    lg = L.combined_margin_logits(c, torch.tensor([0]), scale=1.0, m1=2.0, m2=0.0, m3=0.0)
     torch.testing.assert_close(lg[0, 0], torch.cos(2 * torch.acos(c[0, 0])))
     torch.testing.assert_close(lg[0, 1], c[0, 1])
 
@@ -90,24 +93,24 @@ def test_combined_margin_special_cases():
 def test_arcface_logits_values_and_fallback():
     m = 0.5
     c = torch.tensor([[0.3, 0.0], [-0.95, 0.0], [1.0, 0.0]], dtype=torch.float64)
-    lg = L.arcface_logits(c, torch.tensor([0, 0, 0]), 1.0, m)
+    lg = L.arcface_logits(c, torch.tensor([0, 0, 0]), scale=1.0, margin=m)
     theta = torch.acos(c[0, 0])
     torch.testing.assert_close(lg[0, 0], torch.cos(theta + m))
     # -0.95 < -cos(0.5): theta + m > pi, fallback c - m sin m
     torch.testing.assert_close(lg[1, 0], c[1, 0] - m * math.sin(m))
     assert abs(float(lg[2, 0]) - math.cos(m)) < 1e-3  # cos(0 + m), sin floored at sqrt(EPS)
-    easy = L.arcface_logits(c, torch.tensor([0, 0, 0]), 1.0, m, easy_margin=True)
+    easy = L.arcface_logits(c, torch.tensor([0, 0, 0]), scale=1.0, margin=m, easy_margin=True)
     torch.testing.assert_close(easy[1, 0], c[1, 0])
 
 
 # ----------------------------------------------------------------------------- fused vs plain reference
 
 _FUNCS = {
-    "am": lambda x, t, **kw: L.am_softmax(x, t, 30.0, 0.35, **kw),
-    "normface": lambda x, t, **kw: L.normface(x, t, 16.0, **kw),
-    "arcface": lambda x, t, **kw: L.arcface(x, t, 64.0, 0.5, **kw),
-    "combined": lambda x, t, **kw: L.combined_margin(x, t, 32.0, 1.2, 0.2, 0.1, **kw),
-    "distance": lambda x, t, **kw: L.distance_margin(x, t, 30.0, 0.25, **kw),
+    "am": lambda x, t, **kw: L.am_softmax(x, t, scale=30.0, margin=0.35, **kw),
+    "normface": lambda x, t, **kw: L.normface(x, t, scale=16.0, **kw),
+    "arcface": lambda x, t, **kw: L.arcface(x, t, scale=64.0, margin=0.5, **kw),
+    "combined": lambda x, t, **kw: L.combined_margin(x, t, scale=32.0, m1=1.2, m2=0.2, m3=0.1, **kw),
+    "distance": lambda x, t, **kw: L.distance_margin(x, t, scale=30.0, margin=0.25, **kw),
 }
 
 
@@ -172,7 +175,7 @@ def _modules(d: int, c: int) -> dict[str, L.MarginSoftmaxLoss]:
         "am": L.AMSoftmaxLoss(d, c, generator=g),
         "normface": L.NormFaceLoss(d, c, generator=g),
         "arcface": L.ArcFaceLoss(d, c, generator=g),
-        "combined": L.CombinedMarginLoss(d, c, 1.5, 0.2, 0.1, generator=g),
+        "combined": L.CombinedMarginLoss(d, c, m1=1.5, m2=0.2, m3=0.1, generator=g),
         "distance": L.DistanceMarginLoss(d, c, generator=g),
         "distance_euclid": L.DistanceMarginLoss(d, c, distance="euclidean", generator=g),
     }
@@ -234,11 +237,11 @@ def test_module_matches_functional_and_get_logits():
     y = torch.randint(0, c, (10,))
     mods = _modules(d, c)
     cos = F.normalize(z) @ F.normalize(mods["am"].weight).t()
-    torch.testing.assert_close(mods["am"](z, y), L.am_softmax(cos, y, 30.0, 0.35))
+    torch.testing.assert_close(mods["am"](z, y), L.am_softmax(cos, y, scale=30.0, margin=0.35))
     cos = F.normalize(z) @ F.normalize(mods["arcface"].weight).t()
-    torch.testing.assert_close(mods["arcface"](z, y), L.arcface(cos, y, 64.0, 0.5))
+    torch.testing.assert_close(mods["arcface"](z, y), L.arcface(cos, y, scale=64.0, margin=0.5))
     cos = F.normalize(z) @ F.normalize(mods["distance"].weight).t()
-    torch.testing.assert_close(mods["distance"](z, y), L.distance_margin(cos, y, 30.0, 0.25))
+    torch.testing.assert_close(mods["distance"](z, y), L.distance_margin(cos, y, scale=30.0, margin=0.25))
     torch.testing.assert_close(mods["distance"].get_logits(z), -30.0 * L.cosine_distance(cos))
     lg = mods["am"].get_logits(z.to(torch.bfloat16))
     assert lg.shape == (10, c) and lg.dtype == torch.bfloat16
@@ -342,3 +345,56 @@ def test_bad_input():
         L.estimate_class_diameter(torch.randn(3, 2), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="centres"):
         L.estimate_class_diameter(torch.randn(3, 2), torch.tensor([0, 1, 1]), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("bad", [math.pi, 3.5, 28.6, 180.0, float("inf"), float("nan")])
+def test_arcface_margin_must_be_an_angle_below_pi(bad):
+    """Regression: above pi the fallback raised the target logit (margin=28.6, a user passing degrees, was
+    accepted). Function and class forms of ArcFace and m2 of the combined margin refuse it."""
+    cos, t = _cosines(4, 3)
+    calls = [lambda: L.arcface(cos, t, margin=bad), lambda: L.arcface_logits(cos, t, margin=bad),
+             lambda: L.ArcFaceLoss(4, 3, margin=bad)]
+    for call in calls:
+        with pytest.raises(ValueError, match="margin"):
+            call()
+    for call in (lambda: L.combined_margin(cos, t, m2=bad), lambda: L.combined_margin_logits(cos, t, m2=bad),
+                 lambda: L.CombinedMarginLoss(4, 3, m2=bad)):
+        with pytest.raises(ValueError, match="m2"):
+            call()
+
+
+def test_arcface_margin_just_below_pi_and_degrees_hint():
+    cos, t = _cosines(4, 3)
+    m = math.nextafter(math.pi, 0.0)
+    assert torch.isfinite(L.arcface(cos, t, margin=m))
+    assert torch.isfinite(L.combined_margin(cos, t, m2=m))
+    with pytest.raises(ValueError, match="radians"):
+        L.arcface(cos, t, margin=28.6)
+
+
+def test_adaptive_arcface_margin_stays_below_pi():
+    torch.manual_seed(0)
+    loss = L.ArcFaceLoss(8, 4, margin=0.0, adaptive_every=1)
+    z = -loss.weight.detach()[torch.tensor([0, 1, 2, 3])]  # each embedding opposite its centre: radius pi
+    loss(z, torch.arange(4))
+    assert loss.margin < math.pi
+    assert torch.isfinite(loss(z, torch.arange(4)))
+
+
+def test_function_and_class_forms_share_one_argument_order():
+    import inspect
+
+    for fn, cls in ((L.am_softmax, L.AMSoftmaxLoss), (L.arcface, L.ArcFaceLoss), (L.normface, L.NormFaceLoss),
+                    (L.combined_margin, L.CombinedMarginLoss), (L.distance_margin, L.DistanceMarginLoss)):
+        f = [p for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
+        c = [p for p in inspect.signature(cls).parameters.values() if p.kind == p.KEYWORD_ONLY]
+        names_f = [p.name for p in f if p.name not in ("reduction", "ignore_index", "fused")]
+        assert names_f == [p.name for p in c][:len(names_f)], (fn.__name__, names_f, [p.name for p in c])
+        assert all(p.default == next(q.default for q in f if q.name == p.name) for p in c if p.name in names_f)
+    cos, t = _cosines(4, 3)
+    with pytest.raises(TypeError, match="positional"):
+        L.am_softmax(cos, t, 30.0)
+    with pytest.raises(TypeError, match="positional"):
+        L.CombinedMarginLoss(4, 3, 1.0)
+    with pytest.raises(TypeError, match="positional"):
+        L.cosine_distance(cos, "euclidean")

@@ -181,3 +181,15 @@ def test_bad_inputs():
         linearity_gap(lambda z: z, torch.randn(2, 3), torch.randn(2, 3))
     with pytest.raises(ValueError, match="space"):
         linearity_gap(net, torch.randn(2, 3), torch.randn(2, 3), space="logits")
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_logits(net, torch.randn(2, 3), batch_size=0)
+
+
+def test_options_and_generator_are_keyword_only():
+    logits, y, net = torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), nn.Linear(3, 2)
+    g = torch.Generator().manual_seed(0)
+    for call in (lambda: linearity_gap(net, torch.randn(2, 3), torch.randn(2, 3), g),
+                 lambda: nll(logits, y, "logits"), lambda: expected_calibration_error(logits, y, 10),
+                 lambda: predict_logits(net, torch.randn(2, 3), 1)):
+        with pytest.raises(TypeError, match="positional"):
+            call()

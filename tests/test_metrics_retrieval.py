@@ -112,3 +112,10 @@ def test_bad_input():
         retrieval_topk(z, y.float())
     with pytest.raises(ValueError, match="database"):
         retrieval_topk(z[:1], y[:1])
+
+
+def test_ks_is_keyword_only():
+    z, y = _data(10, 4, 2, seed=0)
+    for fn in (retrieval_metrics, retrieval_topk, recall_at_k):
+        with pytest.raises(TypeError, match="positional"):
+            fn(z, y, z, y, (1,))

@@ -133,6 +133,8 @@ def test_masking_generator_reproducibility():
         mask_tokens(x, tok, mask_prob=1.5)
     with pytest.raises(TypeError, match="input_ids"):
         mask_tokens(x.float(), tok)
+    with pytest.raises(TypeError, match="positional"):  # options and the generator are keyword-only
+        mask_tokens(x, tok, 0.15, 0.8, 0.1, torch.Generator())
 
 
 # -- evaluation ------------------------------------------------------------------------------------------

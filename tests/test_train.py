@@ -92,7 +92,8 @@ def test_batch_transform_and_custom_loss_receive_what_they_should():
     x, y = blobs(n=40)
     seen = []
 
-    def bt(xb, yb, gen, epoch):
+    def bt(xb, yb, *, generator, epoch):  # fit passes both by keyword
+        gen = generator
         assert isinstance(gen, torch.Generator)
         seen.append((epoch, xb.shape[0]))
         lam = 0.7
@@ -161,7 +162,7 @@ def test_adamw_and_drop_last():
     steps = []
     h = fit(mlp(), (x, y), TrainConfig(epochs=1, batch_size=16, optimizer="adamw", lr=1e-2, drop_last=True,
                                        progress=False),
-            batch_transform=lambda a, b, g, e: (steps.append(a.shape[0]) or a, b))
+            batch_transform=lambda a, b, **_: (steps.append(a.shape[0]) or a, b))
     assert steps == [16, 16] and len(h) == 1
 
 
@@ -269,9 +270,9 @@ def test_flipcrop_reproducible_and_input_untouched():
     x = torch.rand(16, 3, 8, 8)
     keep = x.clone()
     aug = FlipCrop(padding=2, mode="zero")
-    a = aug(x, torch.Generator().manual_seed(1))
-    b = aug(x, torch.Generator().manual_seed(1))
-    c = aug(x, torch.Generator().manual_seed(2))
+    a = aug(x, generator=torch.Generator().manual_seed(1))
+    b = aug(x, generator=torch.Generator().manual_seed(1))
+    c = aug(x, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(x, keep)
 
@@ -289,6 +290,11 @@ def test_transform_bad_input():
         random_horizontal_flip(torch.rand(1, 1, 4, 4), p=1.5)
     with pytest.raises(TypeError, match="generator"):
         random_horizontal_flip(torch.rand(1, 1, 4, 4), generator=0)
+    x, g = torch.rand(2, 1, 8, 8), torch.Generator().manual_seed(0)
+    for call in (lambda: random_crop(x, 6), lambda: random_horizontal_flip(x, 0.5), lambda: FlipCrop(2),
+                 lambda: FlipCrop()(x, g)):  # options and the generator are keyword-only
+        with pytest.raises(TypeError, match="positional"):
+            call()
 
 
 # ------------------------------------------------------------------------------------ checkpoint / resume
@@ -314,9 +320,9 @@ def _resume_setup(tmp_path, name):
             logits = F.normalize(emb, dim=1) @ F.normalize(self.w, dim=1).T * 8
             return lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
 
-    def mix(xb, yb, gen, epoch):
-        lam = float(torch.rand((), generator=gen))
-        perm = torch.randperm(xb.shape[0], generator=gen)
+    def mix(xb, yb, *, generator, epoch):
+        lam = float(torch.rand((), generator=generator))
+        perm = torch.randperm(xb.shape[0], generator=generator)
         return lam * xb + (1 - lam) * xb[perm], (yb, yb[perm], lam)
 
     torch.manual_seed(0)
@@ -339,10 +345,10 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path):
 
     net, loss, data, cfg, mix = _resume_setup(tmp_path, "cut")
 
-    def mix_then_die(xb, yb, gen, epoch):
+    def mix_then_die(xb, yb, *, generator, epoch):
         if epoch == 2:
             raise _Interrupt
-        return mix(xb, yb, gen, epoch)
+        return mix(xb, yb, generator=generator, epoch=epoch)
 
     with pytest.raises(_Interrupt):
         fit(net, data, cfg, loss_fn=loss, batch_transform=mix_then_die, augment=FlipCrop(padding=1))

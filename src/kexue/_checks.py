@@ -43,8 +43,17 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to compute in: fp16/bf16 are promoted to fp32, everything else is kept."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    """The dtype to compute in where precision matters: floating types narrower than 32 bits (fp16, bf16, the
+    fp8 types) are promoted to fp32; fp32, fp64 and non-floating dtypes are kept.
+
+    The one place this rule is written: the library computes in ``compute_dtype(x.dtype)`` and returns results
+    in the input dtype.
+
+    Example:
+        >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else dtype
 
 
 def import_modules(package: str, names: tuple[str, ...]) -> None:

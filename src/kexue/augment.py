@@ -12,8 +12,9 @@ Every function here pairs the samples of a batch through a random permutation dr
 batch (images, sequences, embeddings), and leaves the caller's tensors untouched unless ``inplace=True``.
 
 The training-step wrappers (:class:`Mixup`, :class:`CutMix`, :class:`SamplePairing` and
-:meth:`ManifoldMixup.batch_transform`) share the call shape ``(x, y, generator=None, epoch=None) ->
-(x, targets)`` and the loss :func:`mixed_loss` understands every ``targets`` they return.
+:meth:`ManifoldMixup.batch_transform`) share the call shape ``(x, y, *, generator=None, epoch=None) ->
+(x, targets)`` (the ``batch_transform`` of :func:`kexue.train.fit`) and the loss :func:`mixed_loss`
+understands every ``targets`` they return. Tensors are positional, every option keyword-only.
 """
 
 from __future__ import annotations
@@ -43,9 +44,6 @@ __all__ = [
     "sample_pairing",
     "soft_targets",
 ]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 class MixedTargets(NamedTuple):
     """The label side of a mixed batch: the loss is ``lam * L(y_a) + (1 - lam) * L(y_b)``.
@@ -208,6 +206,27 @@ def _check_num_classes(num_classes: Any) -> int | None:
     return num_classes
 
 
+def _check_lam(lam: Any, batch: int) -> torch.Tensor:
+    """``lam`` as a tensor after checking it is a mixing weight: a number, a 0-dim tensor or one per sample
+    (``[batch]``), every value in [0, 1] (NaN is refused too)."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float, torch.Tensor)):
+        raise TypeError(f"lam must be a number or a tensor, got {type(lam).__name__}")
+    if isinstance(lam, torch.Tensor):
+        if lam.is_complex() or lam.dtype == torch.bool:
+            raise TypeError(f"lam must be a real number or tensor, got dtype {lam.dtype}")
+        if lam.dim() > 1 or (lam.dim() == 1 and lam.shape[0] != batch):
+            raise ValueError(f"lam must be a scalar or have shape [{batch}], got {tuple(lam.shape)}")
+        inside = bool(((lam >= 0) & (lam <= 1)).all())  # NaN fails both comparisons
+        lam_t = lam
+    else:
+        inside = 0.0 <= lam <= 1.0
+        lam_t = torch.tensor(float(lam), dtype=torch.float64)
+    if not inside:
+        shown = lam if not isinstance(lam, torch.Tensor) or lam.numel() <= 8 else "a tensor"
+        raise ValueError(f"lam must lie in [0, 1] (it is the weight of y_a; y_b gets 1 - lam), got {shown}")
+    return lam_t
+
+
 def _lam_view(lam: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """λ as a tensor that broadcasts over ``ref``'s non-batch dims."""
     if lam.dim() == 0:
@@ -218,9 +237,10 @@ def _lam_view(lam: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def _mix(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor, inplace: bool) -> torch.Tensor:
     """``lam * x + (1 - lam) * x[perm]`` in fp32 for half types, returned in x's dtype."""
     other = x[perm]  # advanced indexing copies, so the in-place path below is safe
-    if x.dtype in _LOW_PRECISION:
-        w = _lam_view(1.0 - lam.float(), x)
-        mixed = torch.lerp(x.float(), other.float(), w).to(x.dtype)
+    cdt = compute_dtype(x.dtype)
+    if cdt != x.dtype:
+        w = _lam_view(1.0 - lam.to(cdt), x)
+        mixed = torch.lerp(x.to(cdt), other.to(cdt), w).to(x.dtype)
         return x.copy_(mixed) if inplace else mixed
     w = _lam_view((1.0 - lam).to(x.dtype), x)
     return x.lerp_(other, w) if inplace else torch.lerp(x, other, w)
@@ -230,8 +250,8 @@ def _mix(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor, inplace: bool) 
 # mixup
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float | str = 1.0, per: str = "batch",
-          generator: torch.Generator | None = None, *, num_classes: int | None = None,
+def mixup(x: torch.Tensor, y: torch.Tensor, *, alpha: float | str = 1.0, per: str = "batch",
+          generator: torch.Generator | None = None, num_classes: int | None = None,
           inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """mixup (kexue.fm/archives/5693): ``x_mixed = lam * x + (1 - lam) * x[perm]``.
 
@@ -270,13 +290,15 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float | str = 1.0, per: str =
     return mixed, y, y[perm], lam
 
 
-def soft_targets(y_a: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor | float,
+def soft_targets(y_a: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor | float, *,
                  num_classes: int | None = None,
                  label_smoothing: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The mixed target ``lam * onehot(y_a) + (1 - lam) * onehot(y_b)`` as ``[B, C]`` in ``dtype``.
 
     Integer labels are one-hot encoded (``num_classes`` required); labels that are already one-hot or soft
-    (float ``[B, C]``) are used as they are. ``label_smoothing`` mixes in the uniform distribution.
+    (float ``[B, C]``) are used as they are. ``label_smoothing`` mixes in the uniform distribution. ``lam``
+    (a number, a 0-dim tensor or one per sample ``[B]``) must lie in [0, 1]: anything else (or NaN) raises
+    ``ValueError``, since a weight outside it gives targets with negative entries.
 
     Example:
         >>> soft_targets(torch.tensor([0, 2]), torch.tensor([1, 2]), 0.25, num_classes=3)
@@ -305,9 +327,7 @@ def soft_targets(y_a: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor | float
                          f"{tuple(tb.shape)}")
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    lam_t = torch.as_tensor(lam, dtype=dtype, device=ta.device)
-    if lam_t.dim() > 1 or (lam_t.dim() == 1 and lam_t.shape[0] != ta.shape[0]):
-        raise ValueError(f"lam must be a scalar or have shape [{ta.shape[0]}], got {tuple(lam_t.shape)}")
+    lam_t = _check_lam(lam, ta.shape[0]).to(dtype=dtype, device=ta.device)
     out = torch.lerp(tb, ta, lam_t.reshape(-1, 1) if lam_t.dim() == 1 else lam_t)
     if label_smoothing:
         out = out * (1.0 - label_smoothing) + label_smoothing / out.shape[1]
@@ -330,12 +350,13 @@ def _per_sample_ce(logp: torch.Tensor, y: torch.Tensor, name: str, label_smoothi
     return nll
 
 
-def mixed_cross_entropy(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor | float,
+def mixed_cross_entropy(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor | float, *,
                         label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
     """``lam * CE(logits, y_a) + (1 - lam) * CE(logits, y_b)``, which equals CE against the mixed soft label.
 
     Cross-entropy is linear in its target, so this "mix the losses" form is exactly the soft-label loss of
-    mixup while keeping integer labels. ``lam`` may be a float, a 0-dim tensor or one λ per sample ``[B]``.
+    mixup while keeping integer labels. ``lam`` may be a float, a 0-dim tensor or one λ per sample ``[B]``,
+    each in [0, 1] (outside it, or NaN, raises ``ValueError``: the loss would be a negative cross-entropy).
     Labels may be integer ``[B]`` or soft ``[B, C]``; ``label_smoothing`` follows ``F.cross_entropy``.
     Computed in fp32 (fp64 stays fp64) and returned in the logits' dtype.
 
@@ -350,9 +371,7 @@ def mixed_cross_entropy(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tens
     logp = torch.log_softmax(logits.to(compute_dtype(logits.dtype)), dim=1)
     ce_a = _per_sample_ce(logp, y_a, "y_a", label_smoothing)
     ce_b = _per_sample_ce(logp, y_b, "y_b", label_smoothing)
-    lam_t = torch.as_tensor(lam, dtype=logp.dtype, device=logp.device)
-    if lam_t.dim() > 1 or (lam_t.dim() == 1 and lam_t.shape[0] != logits.shape[0]):
-        raise ValueError(f"lam must be a scalar or have shape [{logits.shape[0]}], got {tuple(lam_t.shape)}")
+    lam_t = _check_lam(lam, logits.shape[0]).to(dtype=logp.dtype, device=logp.device)
     loss = torch.lerp(ce_b, ce_a, lam_t)
     if reduction == "mean":
         loss = loss.mean()
@@ -361,7 +380,7 @@ def mixed_cross_entropy(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tens
     return loss.to(logits.dtype)
 
 
-def mixed_loss(outputs: torch.Tensor, targets: MixedTargets | torch.Tensor,
+def mixed_loss(outputs: torch.Tensor, targets: MixedTargets | torch.Tensor, *,
                label_smoothing: float = 0.0) -> torch.Tensor:
     """The training loss for any ``targets`` the wrappers return: mixed CE for :class:`MixedTargets`, plain
     cross-entropy for integer or soft label tensors (ERM, SamplePairing).
@@ -385,7 +404,7 @@ def mixed_loss(outputs: torch.Tensor, targets: MixedTargets | torch.Tensor,
 # SamplePairing
 
 
-def sample_pairing(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, *,
+def sample_pairing(x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator | None = None,
                    inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SamplePairing (Inoue 2018; read as a regularizer in kexue.fm/archives/5693): ``(x + x[perm]) / 2``
     with the label of the first sample.
@@ -415,7 +434,7 @@ class SamplePairingSchedule:
         [False, True, True, False, True, False]
     """
 
-    def __init__(self, start: int = 100, stop: int = 800, on: int = 8, off: int = 2) -> None:
+    def __init__(self, *, start: int = 100, stop: int = 800, on: int = 8, off: int = 2) -> None:
         for name, v in (("start", start), ("stop", stop), ("on", on), ("off", off)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -488,8 +507,8 @@ def _box_mask(boxes: torch.Tensor, h: int, w: int, device: torch.device) -> torc
     return in_r[:, :, None] & in_c[:, None, :]
 
 
-def cutmix(x: torch.Tensor, y: torch.Tensor, alpha: float | str = 1.0, per: str = "batch",
-           generator: torch.Generator | None = None, *, num_classes: int | None = None,
+def cutmix(x: torch.Tensor, y: torch.Tensor, *, alpha: float | str = 1.0, per: str = "batch",
+           generator: torch.Generator | None = None, num_classes: int | None = None,
            inplace: bool = False, return_boxes: bool = False):
     """CutMix (Yun et al. 2019; beyond the article): paste a box from the partner ``x[perm]`` into ``x``.
 
@@ -536,7 +555,7 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, alpha: float | str = 1.0, per: str 
 class _Transform(nn.Module):
     """Shared plumbing: own generator, probability of applying, and the ``batch_transform`` call shape."""
 
-    def __init__(self, prob: float = 1.0, generator: torch.Generator | None = None) -> None:
+    def __init__(self, *, prob: float = 1.0, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if not 0.0 <= float(prob) <= 1.0:
             raise ValueError(f"prob must be in [0, 1], got {prob}")
@@ -560,19 +579,20 @@ class _MixTransform(_Transform):
 
     _mix: Any
 
-    def __init__(self, alpha: float | str = 1.0, per: str = "batch", prob: float = 1.0,
+    def __init__(self, *, alpha: float | str = 1.0, per: str = "batch", prob: float = 1.0,
                  num_classes: int | None = None, generator: torch.Generator | None = None) -> None:
-        super().__init__(prob, generator)
+        super().__init__(prob=prob, generator=generator)
         self.alpha = _alpha(alpha)
         self.per = check_choice("per", per, ("batch", "sample"))
         self.num_classes = _check_num_classes(num_classes)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator | None = None,
                 epoch: int | None = None) -> tuple[torch.Tensor, MixedTargets | torch.Tensor]:
         gen = self._gen(generator)
         if self._skip(gen):
             return x, y
-        xm, ya, yb, lam = self._mix(x, y, self.alpha, self.per, gen, num_classes=self.num_classes)
+        xm, ya, yb, lam = self._mix(x, y, alpha=self.alpha, per=self.per, generator=gen,
+                                    num_classes=self.num_classes)
         return xm, MixedTargets(ya, yb, lam)
 
     def extra_repr(self) -> str:
@@ -582,7 +602,7 @@ class _MixTransform(_Transform):
 class Mixup(_MixTransform):
     """mixup as a training-step transform (kexue.fm/archives/5693); usable as ``fit(batch_transform=...)``.
 
-    ``Mixup(alpha)(x, y, generator=None, epoch=None)`` returns ``(x_mixed, MixedTargets(y_a, y_b, lam))``
+    ``Mixup(alpha=a)(x, y, generator=None, epoch=None)`` returns ``(x_mixed, MixedTargets(y_a, y_b, lam))``
     in training mode (``(x, y)`` unchanged in eval mode or with probability ``1 - prob``); train with
     :func:`mixed_loss`.
 
@@ -613,13 +633,13 @@ class SamplePairing(_Transform):
     ``fit`` does) and pairing happens only when ``schedule.active(epoch)``. Returns ``(x_paired, y)``.
 
     Example:
-        >>> sp = SamplePairing(SamplePairingSchedule(start=2, stop=8, on=2, off=1))
-        >>> x, y = sp(torch.randn(5, 4), torch.arange(5), torch.Generator().manual_seed(0), epoch=2)
+        >>> sp = SamplePairing(schedule=SamplePairingSchedule(start=2, stop=8, on=2, off=1))
+        >>> x, y = sp(torch.randn(5, 4), torch.arange(5), generator=torch.Generator().manual_seed(0), epoch=2)
     """
 
-    def __init__(self, schedule: SamplePairingSchedule | None = None, prob: float = 1.0,
+    def __init__(self, *, schedule: SamplePairingSchedule | None = None, prob: float = 1.0,
                  generator: torch.Generator | None = None) -> None:
-        super().__init__(prob, generator)
+        super().__init__(prob=prob, generator=generator)
         if schedule is not None and not isinstance(schedule, SamplePairingSchedule):
             raise TypeError(f"schedule must be a SamplePairingSchedule or None, "
                             f"got {type(schedule).__name__}")
@@ -632,12 +652,12 @@ class SamplePairing(_Transform):
             raise ValueError("epoch is required when SamplePairing has a schedule")
         return self.schedule.active(epoch)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator | None = None,
                 epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         gen = self._gen(generator)
         if not self.active(epoch) or self._skip(gen):
             return x, y
-        return sample_pairing(x, y, gen)
+        return sample_pairing(x, y, generator=gen)
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule!r}, prob={self.prob}"
@@ -663,7 +683,7 @@ class ManifoldMixup:
         >>> mm.remove()
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], alpha: float | str = 2.0, per: str = "batch",
+    def __init__(self, model: nn.Module, layers: Sequence[str], *, alpha: float | str = 2.0, per: str = "batch",
                  num_classes: int | None = None, generator: torch.Generator | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -702,7 +722,7 @@ class ManifoldMixup:
 
         return hook
 
-    def batch_transform(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+    def batch_transform(self, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator | None = None,
                         epoch: int | None = None) -> tuple[torch.Tensor, MixedTargets | torch.Tensor]:
         """Arm one layer for the next forward pass; return ``(x, MixedTargets)`` (``(x, y)`` in eval mode)."""
         _check_batch(x, y)

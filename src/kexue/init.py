@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_positive, check_tensor
+from ._checks import check_choice, check_positive, check_tensor, compute_dtype
 
 __all__ = [
     "ACTIVATIONS",
@@ -67,7 +67,7 @@ def calculate_fans(tensor: torch.Tensor) -> tuple[int, int]:
     return tensor.shape[1] * receptive, tensor.shape[0] * receptive
 
 
-def gain(nonlinearity: str = "linear", negative_slope: float = 0.01) -> float:
+def gain(nonlinearity: str, *, negative_slope: float = 0.01) -> float:
     """The norm-keeping gain of an activation, by the article's argument.
 
     ``linear``/``sigmoid``: 1; ``tanh``: 1 (the article: tanh(x) ~ x near 0; note torch's
@@ -108,54 +108,108 @@ def _sample_into(tensor: torch.Tensor, fill: Callable[[torch.Tensor], None]) -> 
         if tensor.dtype in (torch.float32, torch.float64) and tensor.is_contiguous():
             fill(tensor)
         else:
-            dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-            buf = torch.empty(tensor.shape, dtype=dtype, device=tensor.device)
+            buf = torch.empty(tensor.shape, dtype=compute_dtype(tensor.dtype), device=tensor.device)
             fill(buf)
             tensor.copy_(buf)
     return tensor
 
 
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _ndtri_log(log_p: torch.Tensor) -> torch.Tensor:
+    """x with log Phi(x) = ``log_p`` (float64, ``log_p <= log 0.7`` or so), accurate far into the lower tail.
+
+    Starts from ``ndtri(exp(log_p))`` where ``exp`` does not underflow, or from the asymptote
+    ``log Phi(x) ~ -x^2/2 - log(-x) - log sqrt(2 pi)`` where it does, then takes Newton steps on
+    ``log_ndtr(x) - log_p`` (slope ``phi(x) / Phi(x)``), which fixes the last digits of either start.
+    """
+    log_p = log_p.clamp_min(-1e6)  # only u = 0 with an infinite bound gets here (x ~ -1414 instead of -inf)
+    tiny = log_p < -700.0
+    s2 = -2.0 * log_p.clamp(max=-1.0)
+    asym = -torch.sqrt((s2 - torch.log(s2) - math.log(2.0 * math.pi)).clamp_min(1.0))
+    x = torch.where(tiny, asym, torch.special.ndtri(torch.exp(log_p.clamp_min(-700.0))))
+    for _ in range(4):
+        log_cdf = torch.special.log_ndtr(x)
+        slope = torch.exp(-0.5 * x * x - _LOG_SQRT_2PI - log_cdf)
+        x = x - (log_cdf - log_p) / slope
+    return x
+
+
 def _std_trunc_normal(shape: torch.Size, a: float, b: float, dtype: torch.dtype, device: torch.device,
                       generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal truncated to [a, b]: rejection (redraw the rejects) when the kept mass is >= 0.2,
-    otherwise the inverse CDF in float64 (tails, narrow windows)."""
-    cdf = lambda x: 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))  # noqa: E731
-    lo, hi = cdf(a), cdf(b)
+    """Standard normal truncated to [a, b].
+
+    Rejection (redraw the rejects) when the kept mass is >= 0.2; otherwise the inverse CDF, done so that it
+    stays exact in the far tails: the interval is mirrored to the side of 0 where ``Phi`` is small (so
+    ``[8, 9]`` is sampled as ``-[-9, -8]``), ``Phi`` is taken in log space (``log_ndtr``), and the inverse is
+    :func:`_ndtri_log`. ``0.5 (1 + erf(x / sqrt 2))`` rounds to 1 beyond about 8 std, which made every sample
+    of ``[10, 11]`` equal 11 before.
+    """
     n = math.prod(shape)
-    if hi - lo >= 0.2:
+    mass = 0.5 * (math.erf(b / math.sqrt(2.0)) - math.erf(a / math.sqrt(2.0)))  # exact enough above 0.2
+    if mass >= 0.2:
         # draw a few percent more than the expected need, keep the accepted ones, top up if short
         kept: list[torch.Tensor] = []
         have = 0
         while have < n:
             want = n - have
-            draw = int(want / (hi - lo) * 1.05) + 16
+            draw = int(want / mass * 1.05) + 16
             z = torch.randn(draw, dtype=dtype, device=device, generator=generator)
             z = z[(z >= a) & (z <= b)][:want]
             kept.append(z)
             have += z.numel()
         return torch.cat(kept).reshape(shape)
-    u = torch.rand(n, dtype=torch.float64, device=device, generator=generator) * (hi - lo) + lo
-    x = torch.special.ndtri(u).clamp_(a, b)
+    flip = a + b > 0  # sample the mirror image [-b, -a], which lies mostly below 0, and negate
+    lo, hi = (-b, -a) if flip else (a, b)
+    f64 = dict(dtype=torch.float64, device=device)
+    log_lo = torch.special.log_ndtr(torch.tensor(lo, **f64))
+    log_hi = torch.special.log_ndtr(torch.tensor(hi, **f64))
+    # Phi(x) = Phi(hi) * (r + u (1 - r)) with r = Phi(lo) / Phi(hi), for u ~ U[0, 1); all in log space
+    one_minus_r = -torch.expm1(log_lo - log_hi)
+    u = torch.rand(n, generator=generator, **f64)
+    x = _ndtri_log(log_hi + torch.log1p(-(1.0 - u) * one_minus_r))
+    x = x.clamp_(lo, hi)
+    if flip:
+        x = x.neg_()
     return x.to(dtype).reshape(shape)
 
 
-def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0,
-                  *, generator: torch.Generator | None = None) -> torch.Tensor:
+def _check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def trunc_normal_(tensor: torch.Tensor, *, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Fill with N(mean, std^2) truncated to ``[mean + a*std, mean + b*std]`` (bounds in units of std).
 
     Unlike ``torch.nn.init.trunc_normal_``, whose ``a``/``b`` are absolute, the default here truncates at
     +-2 std whatever ``std`` is. The std of the result is ``std`` times the truncated-normal factor (0.8796
-    for +-2); :func:`variance_scaling_` corrects for it.
+    for +-2); :func:`variance_scaling_` corrects for it. ``a = -inf`` or ``b = inf`` gives a one-sided
+    truncation. Bounds far in a tail (``a=10, b=11``) and very narrow windows are sampled exactly (log-space
+    inverse CDF, see :func:`_std_trunc_normal`), matching ``scipy.stats.truncnorm``.
 
     Example:
         >>> w = trunc_normal_(torch.empty(1000), std=0.02, generator=torch.Generator().manual_seed(0))
         >>> bool(w.abs().max() <= 0.04)
         True
+        >>> w = trunc_normal_(torch.empty(1000), a=10.0, b=11.0, generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.mean()), 2)  # scipy.stats.truncnorm(10, 11).mean() = 10.098
+        10.1
     """
     check_tensor("tensor", tensor, floating=True)
+    mean = _check_real("mean", mean)
     check_positive("std", std)
+    for name, v in (("a", a), ("b", b)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     if not a < b:
         raise ValueError(f"a must be < b (bounds in units of std), got a={a}, b={b}")
+    a, b = float(a), float(b)
 
     def fill(t: torch.Tensor) -> None:
         t.copy_(_std_trunc_normal(t.shape, a, b, t.dtype, t.device, generator).mul_(std).add_(mean))
@@ -163,8 +217,8 @@ def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: 
     return _sample_into(tensor, fill)
 
 
-def variance_scaling_(tensor: torch.Tensor, scale: float = 1.0, mode: str = "fan_in",
-                      distribution: str = "normal", *, generator: torch.Generator | None = None) -> torch.Tensor:
+def variance_scaling_(tensor: torch.Tensor, *, scale: float = 1.0, mode: str = "fan_in",
+                      distribution: str = "normal", generator: torch.Generator | None = None) -> torch.Tensor:
     """Fill so that Var = ``scale / fan`` with ``fan`` per ``mode`` (``fan_in``, ``fan_out`` or ``fan_avg``).
 
     ``distribution``: ``"normal"`` (std sqrt(scale/fan)); ``"truncated_normal"`` (truncated at +-2 std, the
@@ -172,7 +226,7 @@ def variance_scaling_(tensor: torch.Tensor, scale: float = 1.0, mode: str = "fan
     (U[-sqrt(3 scale/fan), +sqrt(3 scale/fan)]).
 
     Example:
-        >>> w = variance_scaling_(torch.empty(256, 512), 2.0, "fan_out", "truncated_normal",
+        >>> w = variance_scaling_(torch.empty(256, 512), scale=2.0, mode="fan_out", distribution="truncated_normal",
         ...                       generator=torch.Generator().manual_seed(0))
         >>> round(float(w.var() * 256), 1)
         2.0
@@ -188,12 +242,12 @@ def variance_scaling_(tensor: torch.Tensor, scale: float = 1.0, mode: str = "fan
         std = math.sqrt(var)
         return _sample_into(tensor, lambda t: t.normal_(0.0, std, generator=generator))
     if distribution == "truncated_normal":
-        return trunc_normal_(tensor, 0.0, math.sqrt(var) / TRUNC_STD_CORRECTION, -2.0, 2.0, generator=generator)
+        return trunc_normal_(tensor, std=math.sqrt(var) / TRUNC_STD_CORRECTION, a=-2.0, b=2.0, generator=generator)
     bound = math.sqrt(3.0 * var)
     return _sample_into(tensor, lambda t: t.uniform_(-bound, bound, generator=generator))
 
 
-def geometric_(tensor: torch.Tensor, gain: float = 1.0, *, distribution: str = "normal",
+def geometric_(tensor: torch.Tensor, *, gain: float = 1.0, distribution: str = "normal",
                generator: torch.Generator | None = None) -> torch.Tensor:
     """The article's rule: i.i.d. entries with mean 0 and variance ``gain^2 / fan_out`` (kexue.fm/archives/7180).
 
@@ -208,7 +262,8 @@ def geometric_(tensor: torch.Tensor, gain: float = 1.0, *, distribution: str = "
         1.0
     """
     check_positive("gain", gain)
-    return variance_scaling_(tensor, gain * gain, "fan_out", distribution, generator=generator)
+    return variance_scaling_(tensor, scale=gain * gain, mode="fan_out", distribution=distribution,
+                             generator=generator)
 
 
 def lecun_normal_(tensor: torch.Tensor, *, distribution: str = "truncated_normal",
@@ -220,10 +275,10 @@ def lecun_normal_(tensor: torch.Tensor, *, distribution: str = "truncated_normal
         >>> round(float(w.var() * 400), 1)
         1.0
     """
-    return variance_scaling_(tensor, 1.0, "fan_in", distribution, generator=generator)
+    return variance_scaling_(tensor, scale=1.0, mode="fan_in", distribution=distribution, generator=generator)
 
 
-def xavier_normal_(tensor: torch.Tensor, gain: float = 1.0, *,
+def xavier_normal_(tensor: torch.Tensor, *, gain: float = 1.0,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Xavier/Glorot normal: variance ``gain^2 * 2 / (fan_in + fan_out)``.
 
@@ -233,10 +288,10 @@ def xavier_normal_(tensor: torch.Tensor, gain: float = 1.0, *,
         1.0
     """
     check_positive("gain", gain)
-    return variance_scaling_(tensor, gain * gain, "fan_avg", "normal", generator=generator)
+    return variance_scaling_(tensor, scale=gain * gain, mode="fan_avg", distribution="normal", generator=generator)
 
 
-def xavier_uniform_(tensor: torch.Tensor, gain: float = 1.0, *,
+def xavier_uniform_(tensor: torch.Tensor, *, gain: float = 1.0,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Xavier/Glorot uniform: U[-b, b] with ``b = gain * sqrt(6 / (fan_in + fan_out))``.
 
@@ -246,11 +301,12 @@ def xavier_uniform_(tensor: torch.Tensor, gain: float = 1.0, *,
         True
     """
     check_positive("gain", gain)
-    return variance_scaling_(tensor, gain * gain, "fan_avg", "uniform", generator=generator)
+    return variance_scaling_(tensor, scale=gain * gain, mode="fan_avg", distribution="uniform",
+                             generator=generator)
 
 
-def he_normal_(tensor: torch.Tensor, mode: str = "fan_in", nonlinearity: str = "relu",
-               negative_slope: float = 0.01, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def he_normal_(tensor: torch.Tensor, *, mode: str = "fan_in", nonlinearity: str = "relu",
+               negative_slope: float = 0.01, generator: torch.Generator | None = None) -> torch.Tensor:
     """He/Kaiming normal: variance ``gain(nonlinearity)^2 / fan`` (2/fan for ReLU); ``mode`` may be
     ``"fan_in"`` (He's choice, keeps forward norms for square layers), ``"fan_out"`` (the article's forward
     rule for rectangular layers, = :func:`geometric_` with gain sqrt(2)) or ``"fan_avg"``.
@@ -260,11 +316,11 @@ def he_normal_(tensor: torch.Tensor, mode: str = "fan_in", nonlinearity: str = "
         >>> round(float(w.var() * 512), 1)
         2.0
     """
-    g = gain(nonlinearity, negative_slope)
-    return variance_scaling_(tensor, g * g, mode, "normal", generator=generator)
+    g = gain(nonlinearity, negative_slope=negative_slope)
+    return variance_scaling_(tensor, scale=g * g, mode=mode, distribution="normal", generator=generator)
 
 
-def orthogonal_(tensor: torch.Tensor, gain: float = 1.0, *,
+def orthogonal_(tensor: torch.Tensor, *, gain: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Fill with a (semi-)orthogonal matrix times ``gain``: QR of a Gaussian with the sign fix (Haar).
 
@@ -282,7 +338,7 @@ def orthogonal_(tensor: torch.Tensor, gain: float = 1.0, *,
     if tensor.numel() == 0:
         return tensor
     rows, cols = tensor.shape[0], tensor.numel() // tensor.shape[0]
-    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(tensor.dtype)
     with torch.no_grad():
         flat = torch.randn(max(rows, cols), min(rows, cols), dtype=dtype, device=tensor.device,
                            generator=generator)
@@ -307,7 +363,7 @@ def orthogonality_error(weight: torch.Tensor) -> torch.Tensor:
         1.0
     """
     w = check_tensor("weight", weight, floating=True, min_dim=2)
-    w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    w = w.to(compute_dtype(w.dtype))
     eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
     return (w.transpose(-1, -2) @ w - eye).square().mean(dim=(-2, -1))
 
@@ -317,18 +373,19 @@ def _init_weight(weight: torch.Tensor, scheme: str | Callable, nonlinearity: str
     if callable(scheme):
         scheme(weight, generator=generator)
     elif scheme == "geometric":
-        geometric_(weight, gain(nonlinearity), generator=generator)
+        geometric_(weight, gain=gain(nonlinearity), generator=generator)
     elif scheme == "lecun":
         lecun_normal_(weight, generator=generator)
     elif scheme == "xavier":
-        xavier_normal_(weight, gain(nonlinearity), generator=generator)
+        xavier_normal_(weight, gain=gain(nonlinearity), generator=generator)
     elif scheme == "xavier_uniform":
-        xavier_uniform_(weight, gain(nonlinearity), generator=generator)
+        xavier_uniform_(weight, gain=gain(nonlinearity), generator=generator)
     elif scheme == "he":
-        he_normal_(weight, "fan_in", "relu" if nonlinearity in ("linear", "tanh", "sigmoid") else nonlinearity,
+        he_normal_(weight, mode="fan_in",
+                   nonlinearity="relu" if nonlinearity in ("linear", "tanh", "sigmoid") else nonlinearity,
                    generator=generator)
     else:  # orthogonal
-        orthogonal_(weight, gain(nonlinearity), generator=generator)
+        orthogonal_(weight, gain=gain(nonlinearity), generator=generator)
 
 
 def _check_scheme(scheme: object) -> None:
@@ -336,7 +393,7 @@ def _check_scheme(scheme: object) -> None:
         check_choice("scheme", scheme, SCHEMES)
 
 
-def initialize(module: nn.Module, scheme: str | Callable = "geometric", nonlinearity: str = "relu", *,
+def initialize(module: nn.Module, *, scheme: str | Callable = "geometric", nonlinearity: str = "relu",
                generator: torch.Generator | None = None) -> nn.Module:
     """Initialise every Linear, Conv*d, ConvTranspose*d and Embedding of ``module`` in place; biases to 0.
 
@@ -350,7 +407,7 @@ def initialize(module: nn.Module, scheme: str | Callable = "geometric", nonlinea
 
     Example:
         >>> model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
-        >>> _ = initialize(model, "geometric", "relu", generator=torch.Generator().manual_seed(0))
+        >>> _ = initialize(model, scheme="geometric", nonlinearity="relu", generator=torch.Generator().manual_seed(0))
         >>> int(torch.count_nonzero(model[0].bias))
         0
     """
@@ -384,8 +441,8 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
             "leaky_relu": lambda x: torch.nn.functional.leaky_relu(x, 0.01)}[name]
 
 
-def signal_propagation(scheme: str | Callable = "geometric", activation: str = "relu", depth: int = 50,
-                       width: int | Sequence[int] = 256, batch: int = 64, *, dtype: torch.dtype = torch.float32,
+def signal_propagation(*, scheme: str | Callable = "geometric", activation: str = "relu", depth: int = 50,
+                       width: int | Sequence[int] = 256, batch: int = 64, dtype: torch.dtype = torch.float32,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Activation-norm ratio through a deep bias-free MLP: ``h_l = act(W_l h_{l-1})``, ``h_0 = x ~ N(0, I)``.
 
@@ -397,7 +454,8 @@ def signal_propagation(scheme: str | Callable = "geometric", activation: str = "
     every layer or a sequence of ``depth + 1`` widths (input first). A ratio in [0.5, 2] means norms are kept.
 
     Example:
-        >>> r = signal_propagation("he", "relu", depth=20, width=128, generator=torch.Generator().manual_seed(0))
+        >>> r = signal_propagation(scheme="he", activation="relu", depth=20, width=128,
+        ...                        generator=torch.Generator().manual_seed(0))
         >>> r.shape, bool(0.5 < r[-1] < 2)
         (torch.Size([21]), True)
     """

@@ -230,7 +230,7 @@ class OrthogonalMap:
                 f"dtype={self.dtype})")
 
 
-def orthogonal_map(a: torch.Tensor, b: torch.Tensor, kind: str = "auto") -> OrthogonalMap:
+def orthogonal_map(a: torch.Tensor, b: torch.Tensor, *, kind: str = "auto") -> OrthogonalMap:
     """The orthogonal map taking the direction of ``a`` to the direction of ``b`` (kexue.fm/archives/8453).
 
     ``a`` and ``b`` have shape ``(..., d)`` (batch dimensions broadcast) and are normalised first. ``kind`` is
@@ -263,7 +263,7 @@ def orthogonal_map(a: torch.Tensor, b: torch.Tensor, kind: str = "auto") -> Orth
     return OrthogonalMap(ua, ub, kind, normals, sign, dtype)
 
 
-def naive_matrix(a: torch.Tensor, b: torch.Tensor, kind: str = "householder") -> torch.Tensor:
+def naive_matrix(a: torch.Tensor, b: torch.Tensor, *, kind: str = "householder") -> torch.Tensor:
     """The article's closed forms, computed literally in the input dtype (the baseline the study measures).
 
     ``kind`` is ``"householder"`` (``I - (a-b)(a-b)^T / (1 - a.b)``), ``"rotation"``
@@ -273,7 +273,7 @@ def naive_matrix(a: torch.Tensor, b: torch.Tensor, kind: str = "householder") ->
 
     Example:
         >>> import torch
-        >>> T = naive_matrix(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), "rotation")
+        >>> T = naive_matrix(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), kind="rotation")
         >>> T @ torch.tensor([1.0, 0.0])
         tensor([0., 1.])
     """

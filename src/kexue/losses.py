@@ -7,16 +7,21 @@ metric) and a little slack this becomes the cosine margin of AM-Softmax::
 
     L = log(1 + sum_{i != t} exp(s (cos_i + m - cos_t)))  =  CE(s * [cos_i ..., cos_t - m ...], t)
 
-Two entry points per loss:
+Two entry points per loss, built from one piece (the loss's target function, ``_am_target``,
+``_arcface_target``, ``_combined_target``, and :func:`margin_cross_entropy`):
 
-* functional, *logits-in* (InsightFace style): ``am_softmax(cosines, targets)``, ``arcface(...)``,
-  ``combined_margin(...)``, ``distance_margin(...)``, ``normface(...)`` return the loss; the ``*_logits``
-  forms return the margin-adjusted, scaled logits for use with any cross-entropy;
+* functional, *logits-in* (InsightFace style): ``am_softmax(cosines, targets, scale=..., margin=...)``,
+  ``arcface(...)``, ``combined_margin(...)``, ``distance_margin(...)``, ``normface(...)`` return the loss;
+  the ``*_logits`` forms return the margin-adjusted, scaled logits for use with any cross-entropy;
 * modules owning L2-normalised class centres (PML style): :class:`AMSoftmaxLoss`, :class:`NormFaceLoss`,
   :class:`ArcFaceLoss`, :class:`CombinedMarginLoss`, :class:`DistanceMarginLoss`. They share
-  :class:`MarginSoftmaxLoss` and differ in one hook (``target_logit`` or ``similarity``).
+  :class:`MarginSoftmaxLoss` and differ in one hook (``target_logit`` or ``similarity``), which calls the same
+  target function as the functional form.
 
-All margins are in the loss's own units: cosine units for AM-Softmax, radians for ArcFace, distance units for
+Tensors are positional; ``scale``, the margins and every other option are keyword-only, in the same order in
+a function and its class (``combined_margin(c, t, scale=, m1=, m2=, m3=)`` and
+``CombinedMarginLoss(dim, classes, scale=, m1=, m2=, m3=)``). All margins are in the loss's own units: cosine
+units for AM-Softmax, radians in [0, pi) for ArcFace (and ``m2`` of the combined margin), distance units for
 the distance margin. Inputs in fp16/bf16 are computed in fp32; results come back in the input dtype.
 
 The fused path keeps a single ``[N, C]`` float buffer: the scaled logits are written once, the margin is put
@@ -71,6 +76,16 @@ def _check_scale(scale: float) -> float:
 
 def _check_margin(name: str, margin: float) -> float:
     return check_positive(name, margin, allow_zero=True)
+
+
+def _check_angle(name: str, margin: float) -> float:
+    """An additive angular margin: radians in [0, pi). At pi and beyond, theta + m passes pi for every
+    theta, where the fallback raises the target logit instead of lowering it (a margin given in degrees)."""
+    m = _check_margin(name, margin)
+    if m >= math.pi:
+        raise ValueError(f"{name} is an angle in radians and must be in [0, pi), got {margin} "
+                         f"(degrees? use math.radians({margin}) = {math.radians(m):.4g})")
+    return m
 
 
 def _check_logits_targets(cosines: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
@@ -231,7 +246,7 @@ def _margin_logits(x: torch.Tensor, targets: torch.Tensor, scale: float,
 
 
 def margin_cross_entropy(x: torch.Tensor, targets: torch.Tensor, target_fn: Callable[[torch.Tensor], torch.Tensor],
-                         scale: float, *, reduction: str = "mean", ignore_index: int = -100,
+                         *, scale: float, reduction: str = "mean", ignore_index: int = -100,
                          fused: bool = True) -> torch.Tensor:
     """Cross-entropy over ``scale * x`` whose target column is ``scale * target_fn(x_t)``.
 
@@ -242,7 +257,7 @@ def margin_cross_entropy(x: torch.Tensor, targets: torch.Tensor, target_fn: Call
 
     Example:
         >>> cos = torch.tensor([[0.9, 0.1], [0.2, 0.7]])
-        >>> loss = margin_cross_entropy(cos, torch.tensor([0, 1]), lambda c: c - 0.35, 30.0)
+        >>> loss = margin_cross_entropy(cos, torch.tensor([0, 1]), lambda c: c - 0.35, scale=30.0)
         >>> torch.allclose(loss, am_softmax(cos, torch.tensor([0, 1])))
         True
     """
@@ -254,9 +269,21 @@ def margin_cross_entropy(x: torch.Tensor, targets: torch.Tensor, target_fn: Call
     return _reference_margin_ce(x, targets, scale, target_fn, reduction, ignore_index)
 
 
+def _loss(cosines: torch.Tensor, targets: torch.Tensor, target_fn: Callable[[torch.Tensor], torch.Tensor],
+          scale: float, reduction: str, ignore_index: int, fused: bool) -> torch.Tensor:
+    return margin_cross_entropy(cosines, targets, target_fn, scale=scale, reduction=reduction,
+                                ignore_index=ignore_index, fused=fused)
+
+
+def _logits(cosines: torch.Tensor, targets: torch.Tensor, target_fn: Callable[[torch.Tensor], torch.Tensor],
+            scale: float, ignore_index: int) -> torch.Tensor:
+    _check_logits_targets(cosines, targets, ignore_index)
+    return _margin_logits(cosines, targets, _check_scale(scale), target_fn, ignore_index)
+
+
 # ----------------------------------------------------------------------------------------- functional
 
-def am_softmax(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 30.0, margin: float = 0.35, *,
+def am_softmax(cosines: torch.Tensor, targets: torch.Tensor, *, scale: float = 30.0, margin: float = 0.35,
                reduction: str = "mean", ignore_index: int = -100, fused: bool = True) -> torch.Tensor:
     """AM-Softmax / CosFace loss on cosine logits (kexue.fm/archives/8656, arXiv 1801.05599).
 
@@ -268,26 +295,22 @@ def am_softmax(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 30.0
         >>> round(float(am_softmax(cos, torch.tensor([0]))), 4)
         0.2014
     """
-    scale = _check_scale(scale)
-    margin = _check_margin("margin", margin)
-    return margin_cross_entropy(cosines, targets, _am_target(margin), scale, reduction=reduction,
-                                ignore_index=ignore_index, fused=fused)
+    fn = _am_target(_check_margin("margin", margin))
+    return _loss(cosines, targets, fn, scale, reduction, ignore_index, fused)
 
 
-def am_softmax_logits(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 30.0,
-                      margin: float = 0.35, *, ignore_index: int = -100) -> torch.Tensor:
+def am_softmax_logits(cosines: torch.Tensor, targets: torch.Tensor, *, scale: float = 30.0,
+                      margin: float = 0.35, ignore_index: int = -100) -> torch.Tensor:
     """The AM-Softmax logits ``s (cos - m * onehot(t))`` (fp32 for low-precision input), for any CE.
 
     Example:
         >>> am_softmax_logits(torch.tensor([[0.5, 0.0]]), torch.tensor([0]), scale=10.0, margin=0.2)
         tensor([[3., 0.]])
     """
-    _check_logits_targets(cosines, targets, ignore_index)
-    return _margin_logits(cosines, targets, _check_scale(scale), _am_target(_check_margin("margin", margin)),
-                          ignore_index)
+    return _logits(cosines, targets, _am_target(_check_margin("margin", margin)), scale, ignore_index)
 
 
-def normface(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 30.0, *, reduction: str = "mean",
+def normface(cosines: torch.Tensor, targets: torch.Tensor, *, scale: float = 30.0, reduction: str = "mean",
              ignore_index: int = -100, fused: bool = True) -> torch.Tensor:
     """NormFace: cross-entropy over ``s cos`` (AM-Softmax with ``m = 0``).
 
@@ -296,11 +319,10 @@ def normface(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 30.0, 
         >>> torch.allclose(normface(cos, torch.tensor([0])), am_softmax(cos, torch.tensor([0]), margin=0.0))
         True
     """
-    return margin_cross_entropy(cosines, targets, _identity, _check_scale(scale), reduction=reduction,
-                                ignore_index=ignore_index, fused=fused)
+    return _loss(cosines, targets, _identity, scale, reduction, ignore_index, fused)
 
 
-def normface_logits(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 30.0, *,
+def normface_logits(cosines: torch.Tensor, targets: torch.Tensor, *, scale: float = 30.0,
                     ignore_index: int = -100) -> torch.Tensor:
     """``s cos`` (fp32 for low-precision input); ``targets`` are only checked.
 
@@ -308,11 +330,10 @@ def normface_logits(cosines: torch.Tensor, targets: torch.Tensor, scale: float =
         >>> normface_logits(torch.tensor([[0.5, 0.0]]), torch.tensor([0]), scale=2.0)
         tensor([[1., 0.]])
     """
-    _check_logits_targets(cosines, targets, ignore_index)
-    return _margin_logits(cosines, targets, _check_scale(scale), _identity, ignore_index)
+    return _logits(cosines, targets, _identity, scale, ignore_index)
 
 
-def arcface(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 64.0, margin: float = 0.5, *,
+def arcface(cosines: torch.Tensor, targets: torch.Tensor, *, scale: float = 64.0, margin: float = 0.5,
             easy_margin: bool = False, reduction: str = "mean", ignore_index: int = -100,
             fused: bool = True) -> torch.Tensor:
     """ArcFace (additive angular margin, arXiv 1801.07698): target logit ``s cos(theta_t + m)``, ``m`` in radians.
@@ -321,7 +342,8 @@ def arcface(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 64.0, m
     ``sqrt(max(1 - cos^2, EPS))`` — no ``acos``, so the gradient is finite at ``cos = +-1``. Where
     ``theta + m > pi`` (``cos_t < -cos m``) the target logit falls back to ``s (cos_t - m sin m)``, which
     stays monotone (InsightFace's threshold; PML does the same). ``easy_margin=True`` applies the margin only
-    where ``cos_t > 0``.
+    where ``cos_t > 0``. ``margin`` must lie in [0, pi) (``ValueError`` otherwise: a margin in degrees such as
+    28.6 would raise the target logit instead of lowering it).
 
     Example:
         >>> cos = torch.tensor([[1.0, 0.0]], requires_grad=True)
@@ -329,13 +351,11 @@ def arcface(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 64.0, m
         >>> bool(torch.isfinite(cos.grad).all())
         True
     """
-    scale = _check_scale(scale)
-    margin = _check_margin("margin", margin)
-    return margin_cross_entropy(cosines, targets, _arcface_target(margin, easy_margin), scale,
-                                reduction=reduction, ignore_index=ignore_index, fused=fused)
+    fn = _arcface_target(_check_angle("margin", margin), easy_margin)
+    return _loss(cosines, targets, fn, scale, reduction, ignore_index, fused)
 
 
-def arcface_logits(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 64.0, margin: float = 0.5, *,
+def arcface_logits(cosines: torch.Tensor, targets: torch.Tensor, *, scale: float = 64.0, margin: float = 0.5,
                    easy_margin: bool = False, ignore_index: int = -100) -> torch.Tensor:
     """The ArcFace logits: ``s cos(theta_t + m)`` on the target column, ``s cos`` elsewhere.
 
@@ -343,53 +363,51 @@ def arcface_logits(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 
         >>> arcface_logits(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), scale=1.0, margin=0.0)
         tensor([[1., 0.]])
     """
-    _check_logits_targets(cosines, targets, ignore_index)
-    fn = _arcface_target(_check_margin("margin", margin), easy_margin)
-    return _margin_logits(cosines, targets, _check_scale(scale), fn, ignore_index)
+    fn = _arcface_target(_check_angle("margin", margin), easy_margin)
+    return _logits(cosines, targets, fn, scale, ignore_index)
 
 
 def _check_combined(m1: float, m2: float, m3: float) -> tuple[float, float, float]:
     m1 = check_positive("m1", m1)
     if m1 < 1.0:
         raise ValueError(f"m1 must be >= 1 (a multiplicative angular margin), got {m1}")
-    return m1, _check_margin("m2", m2), _check_margin("m3", m3)
+    return m1, _check_angle("m2", m2), _check_margin("m3", m3)
 
 
-def combined_margin(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 64.0, m1: float = 1.0,
-                    m2: float = 0.5, m3: float = 0.0, *, reduction: str = "mean", ignore_index: int = -100,
+def combined_margin(cosines: torch.Tensor, targets: torch.Tensor, *, scale: float = 64.0, m1: float = 1.0,
+                    m2: float = 0.5, m3: float = 0.0, reduction: str = "mean", ignore_index: int = -100,
                     fused: bool = True) -> torch.Tensor:
     """Combined margin (InsightFace): target logit ``s (cos(m1 theta + m2) - m3)``.
 
     ``(m1, m2, m3) = (1, m, 0)`` is ArcFace, ``(1, 0, m)`` is CosFace / AM-Softmax, ``m1 > 1`` a
-    SphereFace-style multiplicative margin. Where ``m1 theta + m2 > pi`` the target logit falls back to the
-    monotone ``cos_t - m3 - m2 sin m2 - (m1 - 1)``. ``theta`` comes from ``atan2`` of a floored sine, so
-    gradients stay finite at ``cos = +-1``.
+    SphereFace-style multiplicative margin; ``m2`` is an angle in [0, pi). Where ``m1 theta + m2 > pi`` the
+    target logit falls back to the monotone ``cos_t - m3 - m2 sin m2 - (m1 - 1)``. ``theta`` comes from
+    ``atan2`` of a floored sine, so gradients stay finite at ``cos = +-1``.
 
     Example:
         >>> cos, t = torch.tensor([[0.3, 0.1]]), torch.tensor([0])
-        >>> torch.allclose(combined_margin(cos, t, 30.0, 1.0, 0.0, 0.35), am_softmax(cos, t, 30.0, 0.35))
+        >>> torch.allclose(combined_margin(cos, t, scale=30.0, m1=1.0, m2=0.0, m3=0.35),
+        ...                am_softmax(cos, t, scale=30.0, margin=0.35))
         True
     """
-    scale = _check_scale(scale)
-    m1, m2, m3 = _check_combined(m1, m2, m3)
-    return margin_cross_entropy(cosines, targets, _combined_target(m1, m2, m3), scale, reduction=reduction,
-                                ignore_index=ignore_index, fused=fused)
+    fn = _combined_target(*_check_combined(m1, m2, m3))
+    return _loss(cosines, targets, fn, scale, reduction, ignore_index, fused)
 
 
-def combined_margin_logits(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 64.0, m1: float = 1.0,
-                           m2: float = 0.5, m3: float = 0.0, *, ignore_index: int = -100) -> torch.Tensor:
+def combined_margin_logits(cosines: torch.Tensor, targets: torch.Tensor, *, scale: float = 64.0, m1: float = 1.0,
+                           m2: float = 0.5, m3: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
     """The combined-margin logits ``s (cos(m1 theta_t + m2) - m3)`` on the target column, ``s cos`` elsewhere.
 
     Example:
-        >>> combined_margin_logits(torch.tensor([[0.5, 0.0]]), torch.tensor([0]), 2.0, 1.0, 0.0, 0.25)
+        >>> combined_margin_logits(torch.tensor([[0.5, 0.0]]), torch.tensor([0]), scale=2.0, m1=1.0, m2=0.0,
+        ...                        m3=0.25)
         tensor([[0.5000, 0.0000]])
     """
-    _check_logits_targets(cosines, targets, ignore_index)
     fn = _combined_target(*_check_combined(m1, m2, m3))
-    return _margin_logits(cosines, targets, _check_scale(scale), fn, ignore_index)
+    return _logits(cosines, targets, fn, scale, ignore_index)
 
 
-def cosine_distance(cosines: torch.Tensor, distance: str = "sqrt_cosine") -> torch.Tensor:
+def cosine_distance(cosines: torch.Tensor, *, distance: str = "sqrt_cosine") -> torch.Tensor:
     """A true metric from cosines: ``sqrt(1 - cos)`` or the Euclidean ``sqrt(2 - 2 cos)`` of unit vectors.
 
     ``1 - cos`` itself violates the triangle inequality; its square root does not. The argument of the root
@@ -405,7 +423,12 @@ def cosine_distance(cosines: torch.Tensor, distance: str = "sqrt_cosine") -> tor
     return d * math.sqrt(2.0) if distance == "euclidean" else d
 
 
-def distance_margin(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 30.0, margin: float = 0.25, *,
+def _neg_distance(cosines: torch.Tensor, distance: str) -> torch.Tensor:
+    """The distance margin's similarity ``-d(cos)``, in the compute dtype (its class's ``similarity`` hook)."""
+    return -cosine_distance(cosines.to(compute_dtype(cosines.dtype)), distance=distance)
+
+
+def distance_margin(cosines: torch.Tensor, targets: torch.Tensor, *, scale: float = 30.0, margin: float = 0.25,
                     distance: str = "sqrt_cosine", reduction: str = "mean", ignore_index: int = -100,
                     fused: bool = True) -> torch.Tensor:
     """The article's distance-margin loss: ``log(1 + sum_{i != t} exp(s [d(z, c_t) + m - d(z, c_i)]))``.
@@ -422,27 +445,24 @@ def distance_margin(cosines: torch.Tensor, targets: torch.Tensor, scale: float =
         >>> torch.allclose(distance_margin(cos, torch.tensor([0])), ref)
         True
     """
-    scale = _check_scale(scale)
-    margin = _check_margin("margin", margin)
+    fn = _am_target(_check_margin("margin", margin))
     _check_logits_targets(cosines, targets, ignore_index)
-    neg_d = -cosine_distance(cosines.to(compute_dtype(cosines.dtype)), distance)
-    return margin_cross_entropy(neg_d, targets, _am_target(margin), scale, reduction=reduction,
-                                ignore_index=ignore_index, fused=fused).to(cosines.dtype)
+    return _loss(_neg_distance(cosines, distance), targets, fn, scale, reduction, ignore_index,
+                 fused).to(cosines.dtype)
 
 
-def distance_margin_logits(cosines: torch.Tensor, targets: torch.Tensor, scale: float = 30.0,
-                           margin: float = 0.25, *, distance: str = "sqrt_cosine",
+def distance_margin_logits(cosines: torch.Tensor, targets: torch.Tensor, *, scale: float = 30.0,
+                           margin: float = 0.25, distance: str = "sqrt_cosine",
                            ignore_index: int = -100) -> torch.Tensor:
     """The distance-margin logits ``-s (d + m * onehot(t))``.
 
     Example:
-        >>> distance_margin_logits(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), 1.0, 0.5)
+        >>> distance_margin_logits(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), scale=1.0, margin=0.5)
         tensor([[-0.5010, -1.0000]])
     """
     _check_logits_targets(cosines, targets, ignore_index)
-    neg_d = -cosine_distance(cosines.to(compute_dtype(cosines.dtype)), distance)
-    return _margin_logits(neg_d, targets, _check_scale(scale), _am_target(_check_margin("margin", margin)),
-                          ignore_index)
+    fn = _am_target(_check_margin("margin", margin))
+    return _logits(_neg_distance(cosines, distance), targets, fn, scale, ignore_index)
 
 
 # ------------------------------------------------------------------------------------ class diameter
@@ -452,7 +472,7 @@ def _radius(cos_t: torch.Tensor, distance: str) -> torch.Tensor:
         return 1.0 - cos_t
     if distance == "angle":
         return torch.acos(torch.clamp(cos_t, -1.0, 1.0))
-    return cosine_distance(cos_t, distance)
+    return cosine_distance(cos_t, distance=distance)
 
 
 def estimate_class_diameter(embeddings: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor | None = None,
@@ -506,8 +526,11 @@ class MarginSoftmaxLoss(nn.Module):
     """Base class: L2-normalised class centres (no bias) and a margin softmax over their cosines.
 
     Subclasses change one hook: :meth:`target_logit` (the margin on the target column, in similarity units)
-    or :meth:`similarity` (cosines -> the similarity that is scaled, e.g. a negative distance). The loss is
-    cross-entropy over ``scale * similarity`` with the target entry replaced by ``scale * target_logit``.
+    or :meth:`similarity` (cosines -> the similarity that is scaled, e.g. a negative distance); each hook calls
+    the same target function as the functional form of its loss, so a class and its function agree by
+    construction. The loss is cross-entropy over ``scale * similarity`` with the target entry replaced by
+    ``scale * target_logit`` (:func:`margin_cross_entropy`). ``embedding_dim`` and ``num_classes`` are
+    positional, every option keyword-only.
 
     ``adaptive_every=K`` turns on the article's adaptive margin: the mean class diameter (2 x the mean distance
     of embeddings to their own centre, in the margin's units, over the last K training steps) becomes the new
@@ -518,7 +541,7 @@ class MarginSoftmaxLoss(nn.Module):
     #: units of the margin, passed to :func:`estimate_class_diameter`; None = no adaptive margin
     margin_units: str | None = "cosine"
 
-    def __init__(self, embedding_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.0, *,
+    def __init__(self, embedding_dim: int, num_classes: int, *, scale: float = 30.0, margin: float = 0.0,
                  reduction: str = "mean", ignore_index: int = -100, adaptive_every: int | None = None,
                  fused: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -527,7 +550,7 @@ class MarginSoftmaxLoss(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.embedding_dim, self.num_classes = embedding_dim, num_classes
         self.scale = _check_scale(scale)
-        self.margin = _check_margin("margin", margin)
+        self.margin = self._check_margin(margin)
         self.reduction = check_choice("reduction", reduction, _REDUCTIONS)
         self.ignore_index, self.fused = ignore_index, fused
         if adaptive_every is not None:
@@ -544,6 +567,16 @@ class MarginSoftmaxLoss(nn.Module):
         self.margin_history: list[tuple[int, float]] = [(0, self.margin)]
 
     # ---- hooks
+    @staticmethod
+    def _check_margin(margin: float) -> float:
+        """Validate a margin given to the constructor (the same check as the functional form's)."""
+        return _check_margin("margin", margin)
+
+    @staticmethod
+    def _adapted_margin(margin: float) -> float:
+        """The margin to use when the adaptive rule measures ``margin`` (as is here)."""
+        return margin
+
     def similarity(self, cosines: torch.Tensor) -> torch.Tensor:
         """Cosines -> the similarity that is scaled (identity here)."""
         return cosines
@@ -580,8 +613,7 @@ class MarginSoftmaxLoss(nn.Module):
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cos = self.cosines(embeddings)
         sim = self.similarity(cos)
-        loss = margin_cross_entropy(sim, targets, self.target_logit, self.scale, reduction=self.reduction,
-                                    ignore_index=self.ignore_index, fused=self.fused)
+        loss = _loss(sim, targets, self.target_logit, self.scale, self.reduction, self.ignore_index, self.fused)
         if self.adaptive_every is not None and self.training and torch.is_grad_enabled():
             self._adapt(cos, targets)
         return loss.to(embeddings.dtype)
@@ -597,7 +629,8 @@ class MarginSoftmaxLoss(nn.Module):
         if self._steps % self.adaptive_every == 0:  # type: ignore[operator]
             seen = self._radius_count > 0
             if seen.any():
-                self.margin = float(2.0 * (self._radius_sum[seen] / self._radius_count[seen]).mean())
+                measured = float(2.0 * (self._radius_sum[seen] / self._radius_count[seen]).mean())
+                self.margin = self._adapted_margin(measured)
                 self.margin_history.append((self._steps, self.margin))
             self._radius_sum.zero_()
             self._radius_count.zero_()
@@ -614,7 +647,8 @@ class MarginSoftmaxLoss(nn.Module):
 
 
 class NormFaceLoss(MarginSoftmaxLoss):
-    """NormFace: cross-entropy over ``scale * cos`` with normalised centres and embeddings (no margin).
+    """NormFace: cross-entropy over ``scale * cos`` with normalised centres and embeddings (no margin);
+    the class form of :func:`normface`.
 
     Example:
         >>> loss = NormFaceLoss(8, 5)
@@ -624,12 +658,16 @@ class NormFaceLoss(MarginSoftmaxLoss):
 
     margin_units = None
 
-    def __init__(self, embedding_dim: int, num_classes: int, scale: float = 30.0, **kw) -> None:
-        super().__init__(embedding_dim, num_classes, scale, 0.0, **kw)
+    def __init__(self, embedding_dim: int, num_classes: int, *, scale: float = 30.0, **kw) -> None:
+        super().__init__(embedding_dim, num_classes, scale=scale, margin=0.0, **kw)
+
+    def target_logit(self, sim_t: torch.Tensor) -> torch.Tensor:
+        return _identity(sim_t)
 
 
 class AMSoftmaxLoss(MarginSoftmaxLoss):
-    """AM-Softmax / CosFace with learned normalised centres: target logit ``s (cos_t - m)``.
+    """AM-Softmax / CosFace with learned normalised centres: target logit ``s (cos_t - m)``; the class form of
+    :func:`am_softmax`.
 
     The loss of kexue.fm/archives/8656 (``s=30, m=0.35`` as in post 5743 and arXiv 1801.05599).
 
@@ -641,16 +679,19 @@ class AMSoftmaxLoss(MarginSoftmaxLoss):
         (torch.Size([4, 8]), torch.Size([5, 8]))
     """
 
-    def __init__(self, embedding_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.35,
+    def __init__(self, embedding_dim: int, num_classes: int, *, scale: float = 30.0, margin: float = 0.35,
                  **kw) -> None:
-        super().__init__(embedding_dim, num_classes, scale, margin, **kw)
+        super().__init__(embedding_dim, num_classes, scale=scale, margin=margin, **kw)
 
     def target_logit(self, sim_t: torch.Tensor) -> torch.Tensor:
-        return sim_t - self.margin
+        return _am_target(self.margin)(sim_t)
 
 
 class ArcFaceLoss(MarginSoftmaxLoss):
-    """ArcFace with learned centres: target logit ``s cos(theta_t + m)``, ``m`` in radians (see :func:`arcface`).
+    """ArcFace with learned centres: target logit ``s cos(theta_t + m)``, ``m`` in radians in [0, pi); the class
+    form of :func:`arcface`.
+
+    With ``adaptive_every`` the measured class diameter (in radians) replaces the margin, capped just below pi.
 
     Example:
         >>> loss = ArcFaceLoss(8, 5)
@@ -660,17 +701,26 @@ class ArcFaceLoss(MarginSoftmaxLoss):
 
     margin_units = "angle"
 
-    def __init__(self, embedding_dim: int, num_classes: int, scale: float = 64.0, margin: float = 0.5, *,
+    def __init__(self, embedding_dim: int, num_classes: int, *, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, **kw) -> None:
-        super().__init__(embedding_dim, num_classes, scale, margin, **kw)
+        super().__init__(embedding_dim, num_classes, scale=scale, margin=margin, **kw)
         self.easy_margin = easy_margin
+
+    @staticmethod
+    def _check_margin(margin: float) -> float:
+        return _check_angle("margin", margin)
+
+    @staticmethod
+    def _adapted_margin(margin: float) -> float:
+        return min(margin, math.nextafter(math.pi, 0.0))
 
     def target_logit(self, sim_t: torch.Tensor) -> torch.Tensor:
         return _arcface_target(self.margin, self.easy_margin)(sim_t)
 
 
 class CombinedMarginLoss(MarginSoftmaxLoss):
-    """Combined margin ``s (cos(m1 theta_t + m2) - m3)`` with learned centres (see :func:`combined_margin`).
+    """Combined margin ``s (cos(m1 theta_t + m2) - m3)`` with learned centres; the class form of
+    :func:`combined_margin`, with its options in the same order (``scale, m1, m2, m3``).
 
     Example:
         >>> loss = CombinedMarginLoss(8, 5, m1=1.0, m2=0.5, m3=0.0)  # = ArcFace
@@ -680,10 +730,10 @@ class CombinedMarginLoss(MarginSoftmaxLoss):
 
     margin_units = None
 
-    def __init__(self, embedding_dim: int, num_classes: int, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
-                 scale: float = 64.0, **kw) -> None:
+    def __init__(self, embedding_dim: int, num_classes: int, *, scale: float = 64.0, m1: float = 1.0,
+                 m2: float = 0.5, m3: float = 0.0, **kw) -> None:
         self.m1, self.m2, self.m3 = _check_combined(m1, m2, m3)
-        super().__init__(embedding_dim, num_classes, scale, 0.0, **kw)
+        super().__init__(embedding_dim, num_classes, scale=scale, margin=0.0, **kw)
         self._fn = _combined_target(self.m1, self.m2, self.m3)
 
     def target_logit(self, sim_t: torch.Tensor) -> torch.Tensor:
@@ -694,7 +744,8 @@ class CombinedMarginLoss(MarginSoftmaxLoss):
 
 
 class DistanceMarginLoss(AMSoftmaxLoss):
-    """The article's own loss: ``log(1 + sum_{i != t} exp(s [d(z,c_t) + m - d(z,c_i)]))`` with a true metric.
+    """The article's own loss: ``log(1 + sum_{i != t} exp(s [d(z,c_t) + m - d(z,c_i)]))`` with a true metric;
+    the class form of :func:`distance_margin`.
 
     ``d = sqrt(1 - cos)`` (``distance="sqrt_cosine"``) or ``sqrt(2 - 2 cos)`` (``"euclidean"``), so
     the triangle inequality that motivates the margin holds (kexue.fm/archives/8656). Same as AM-Softmax with
@@ -707,11 +758,11 @@ class DistanceMarginLoss(AMSoftmaxLoss):
         True
     """
 
-    def __init__(self, embedding_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.25, *,
+    def __init__(self, embedding_dim: int, num_classes: int, *, scale: float = 30.0, margin: float = 0.25,
                  distance: str = "sqrt_cosine", **kw) -> None:
         self.distance = check_choice("distance", distance, _DISTANCES)
         self.margin_units = distance
-        super().__init__(embedding_dim, num_classes, scale, margin, **kw)
+        super().__init__(embedding_dim, num_classes, scale=scale, margin=margin, **kw)
 
     def similarity(self, cosines: torch.Tensor) -> torch.Tensor:
-        return -cosine_distance(cosines, self.distance)
+        return _neg_distance(cosines, self.distance)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..augment import cutmix, mixup, sample_pairing
+from ..studies.base import seeded_global_rng
 from .base import BenchOptions, BenchRow, compare, register_bench, time_call
 
 BATCH, SHAPE, CLASSES = 256, (3, 32, 32), 10
@@ -36,8 +37,8 @@ def _train_step_seconds(x: torch.Tensor, y: torch.Tensor, device: str, repeats: 
     """Seconds of one SGD step (forward, backward, update) of the study's CIFAR ResNet-18 (width 8)."""
     from ..nn.vision import resnet18
 
-    torch.manual_seed(0)
-    net = resnet18(in_channels=3, num_classes=CLASSES, width=8).to(device)
+    with seeded_global_rng(0):  # the same initial weights every time, without reseeding the caller's RNG
+        net = resnet18(in_channels=3, num_classes=CLASSES, width=8).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
@@ -81,25 +82,25 @@ def run(opts: BenchOptions) -> list[BenchRow]:
 
     cases = [
         ("mixup, per-batch λ ~ Beta(1,1)", "kexue.augment.mixup", "torchbearer Mixup(alpha=1)",
-         lambda: mixup(x, y, 1.0, generator=g), peers["mixup"]),
+         lambda: mixup(x, y, alpha=1.0, generator=g), peers["mixup"]),
         ("CutMix, per-batch box, in place", "cutmix(inplace=True)", "torchbearer CutMix(1, mixup_loss)",
-         lambda: cutmix(buf, y, 1.0, generator=g, inplace=True), peers["cutmix"]),
+         lambda: cutmix(buf, y, alpha=1.0, generator=g, inplace=True), peers["cutmix"]),
         ("SamplePairing (x_a + x_b) / 2", "kexue.augment.sample_pairing", "torchbearer SamplePairing",
          lambda: sample_pairing(x, y, generator=g), peers["pairing"]),
     ]
     rows = []
     for case, ours_name, peer_name, ours_fn, peer_fn in cases:
-        ours_s, peer_s = compare(ours_fn, peer_fn, device=device, repeats=repeats, rounds=rounds)
-        extra = {"fraction of a ResNet-18(w8) step": f"{ours_s / step_s:.3%}", **peer_note}
-        rows.append(BenchRow(f"{case} [{BATCH}x3x32x32]", ours_name, peer_name if peer_fn else "-", ours_s,
-                             peer_s, TARGET, extra))
+        timing = compare(ours_fn, peer_fn, device=device, repeats=repeats, rounds=rounds)
+        extra = {"fraction of a ResNet-18(w8) step": f"{timing[0] / step_s:.3%}", **peer_note}
+        rows.append(BenchRow.of(f"{case} [{BATCH}x3x32x32]", ours_name, peer_name if peer_fn else "-", timing,
+                                TARGET, extra))
     # beyond the peer: what ours costs in the other modes
     extras = [
-        ("mixup, per-sample λ ~ Beta(0.2,0.2)", "mixup(per='sample', 0.2)",
-         lambda: mixup(x, y, 0.2, per="sample", generator=g)),
+        ("mixup, per-sample λ ~ Beta(0.2,0.2)", "mixup(alpha=0.2, per='sample')",
+         lambda: mixup(x, y, alpha=0.2, per="sample", generator=g)),
         ("CutMix, per-sample boxes, new tensor", "cutmix(per='sample')",
-         lambda: cutmix(x, y, 1.0, per="sample", generator=g)),
-        ("CutMix, per-batch box, new tensor", "cutmix()", lambda: cutmix(x, y, 1.0, generator=g)),
+         lambda: cutmix(x, y, alpha=1.0, per="sample", generator=g)),
+        ("CutMix, per-batch box, new tensor", "cutmix()", lambda: cutmix(x, y, alpha=1.0, generator=g)),
     ]
     for case, ours_name, fn in extras:
         ours_s = time_call(fn, device=device, repeats=repeats)

@@ -29,17 +29,16 @@ def _apply_vs_dense(opts: BenchOptions) -> BenchRow:
     a, b = torch.randn(d, generator=g), torch.randn(d, generator=g)
     x = torch.randn(n, d, generator=g)
     a, b, x = a.to(opts.device), b.to(opts.device), x.to(opts.device)
-    m = orthogonal_map(a, b, "rotation")
+    m = orthogonal_map(a, b, kind="rotation")
     T = m.matrix()
     with torch.no_grad():
-        ref = orthogonal_map(a.double(), b.double(), "rotation")(x.double())
+        ref = orthogonal_map(a.double(), b.double(), kind="rotation")(x.double())
         err_ours, err_dense = _rel(m(x), ref), _rel(x @ T.T, ref)
-        ours_s, peer_s = compare(lambda: m(x), lambda: x @ T.T, device=opts.device,
-                                 repeats=min(opts.repeats, 3), rounds=2)
-    return BenchRow(f"rotation a->b, apply to {n} vectors, d={d}", "OrthogonalMap(x)", "x @ T.T (T prebuilt)",
-                    ours_s, peer_s, target=">= 20x, equal accuracy",
-                    extra={"rel_err_ours": f"{err_ours:.2e}", "rel_err_dense": f"{err_dense:.2e}",
-                           "dtype": "float32", "threads": torch.get_num_threads()})
+        timing = compare(lambda: m(x), lambda: x @ T.T, device=opts.device, repeats=min(opts.repeats, 3), rounds=2)
+    return BenchRow.of(f"rotation a->b, apply to {n} vectors, d={d}", "OrthogonalMap(x)", "x @ T.T (T prebuilt)",
+                       timing, ">= 20x, equal accuracy",
+                       {"rel_err_ours": f"{err_ours:.2e}", "rel_err_dense": f"{err_dense:.2e}",
+                        "dtype": "float32", "threads": torch.get_num_threads()})
 
 
 def _householder_rows(opts: BenchOptions) -> list[BenchRow]:
@@ -52,7 +51,7 @@ def _householder_rows(opts: BenchOptions) -> list[BenchRow]:
         b = -b
     x = torch.randn(n, d, generator=g)
     a, b, x = a.to(opts.device), b.to(opts.device), x.to(opts.device)
-    m = orthogonal_map(a, b, "householder")
+    m = orthogonal_map(a, b, kind="householder")
     # LAPACK form: H = I - tau v v^T with v[0] = 1
     v = a - b
     v = v / v[0]
@@ -60,34 +59,33 @@ def _householder_rows(opts: BenchOptions) -> list[BenchRow]:
     A1 = v.reshape(d, 1)  # ormqr applies the single reflector
     rows = []
     with torch.no_grad():
-        ref = orthogonal_map(a.double(), b.double(), "householder")(x.double())
+        ref = orthogonal_map(a.double(), b.double(), kind="householder")(x.double())
         peer_apply = torch.ormqr(A1, tau1, x.T).T
         err_ours, err_peer = _rel(m(x), ref), _rel(peer_apply, ref)
-        ours_s, peer_s = compare(lambda: m(x), lambda: torch.ormqr(A1, tau1, x.T), device=opts.device,
-                                 repeats=opts.repeats)
-    rows.append(BenchRow(f"Householder H(a-b), apply to {n} vectors, d={d}", "OrthogonalMap(x)",
-                         "torch.ormqr", ours_s, peer_s, target=">= 1x",
-                         extra={"rel_err_ours": f"{err_ours:.2e}", "rel_err_peer": f"{err_peer:.2e}"}))
+        timing = compare(lambda: m(x), lambda: torch.ormqr(A1, tau1, x.T), device=opts.device, repeats=opts.repeats)
+    rows.append(BenchRow.of(f"Householder H(a-b), apply to {n} vectors, d={d}", "OrthogonalMap(x)",
+                            "torch.ormqr", timing, ">= 1x",
+                            {"rel_err_ours": f"{err_ours:.2e}", "rel_err_peer": f"{err_peer:.2e}"}))
     # materialising: householder_product returns a matrix shaped like A, so a full k x k Q needs k columns
     # (tau = 0 for the identity reflectors after the first); it is O(k^3), so a smaller k
     k = 1024 if opts.quick else 2048
     ak, bk = a[:k] / a[:k].norm(), b[:k] / b[:k].norm()
-    mk = orthogonal_map(ak, bk, "householder")
+    mk = orthogonal_map(ak, bk, kind="householder")
     vk = ak - bk
     vk = vk / vk[0]
     A = torch.zeros(k, k, device=vk.device)
     A[:, 0] = vk
     tau = torch.cat([(2.0 / (vk @ vk)).reshape(1), torch.zeros(k - 1, device=vk.device)])
     with torch.no_grad():
-        H_ref = orthogonal_map(ak.double(), bk.double(), "householder").matrix()
+        H_ref = orthogonal_map(ak.double(), bk.double(), kind="householder").matrix()
         H_peer = torch.linalg.householder_product(A, tau)
         e_ours = float((mk.matrix().double() - H_ref).norm() / H_ref.norm())
         e_peer = float((H_peer.double() - H_ref).norm() / H_ref.norm())
-        ours_s, peer_s = compare(lambda: mk.matrix(), lambda: torch.linalg.householder_product(A, tau),
-                                 device=opts.device, repeats=2, rounds=1)
-    rows.append(BenchRow(f"Householder H(a-b), materialise d x d, d={k}", "OrthogonalMap.matrix()",
-                         "torch.linalg.householder_product", ours_s, peer_s, target=">= 1x",
-                         extra={"rel_err_ours": f"{e_ours:.2e}", "rel_err_peer": f"{e_peer:.2e}"}))
+        timing = compare(lambda: mk.matrix(), lambda: torch.linalg.householder_product(A, tau),
+                         device=opts.device, repeats=2, rounds=1)
+    rows.append(BenchRow.of(f"Householder H(a-b), materialise d x d, d={k}", "OrthogonalMap.matrix()",
+                            "torch.linalg.householder_product", timing, ">= 1x",
+                            {"rel_err_ours": f"{e_ours:.2e}", "rel_err_peer": f"{e_peer:.2e}"}))
     return rows
 
 
@@ -116,21 +114,20 @@ def _scipy_rows(opts: BenchOptions) -> list[BenchRow]:
     rows = []
     with torch.no_grad():
         Rs = torch.from_numpy(scipy_all())
-        ours_all = orthogonal_map(an, bn, "rotation").matrix()
+        ours_all = orthogonal_map(an, bn, kind="rotation").matrix()
         map_err_scipy = float((Rs @ an.unsqueeze(-1)).squeeze(-1).sub(bn).norm(dim=-1).max())
         map_err_ours = float((ours_all @ an.unsqueeze(-1)).squeeze(-1).sub(bn).norm(dim=-1).max())
         same = float((Rs - ours_all).abs().max())
-        t1_ours, t1_peer = compare(lambda: orthogonal_map(an[0], bn[0], "rotation").matrix(), scipy_one,
-                                   repeats=opts.repeats)
-        tn_ours, tn_peer = compare(lambda: orthogonal_map(an, bn, "rotation").matrix(), scipy_all,
-                                   repeats=min(opts.repeats, 3), rounds=2)
+        t1 = compare(lambda: orthogonal_map(an[0], bn[0], kind="rotation").matrix(), scipy_one, repeats=opts.repeats)
+        tn = compare(lambda: orthogonal_map(an, bn, kind="rotation").matrix(), scipy_all,
+                     repeats=min(opts.repeats, 3), rounds=2)
     extra = {"max_map_err_ours": f"{map_err_ours:.1e}", "max_map_err_scipy": f"{map_err_scipy:.1e}",
              "max_abs_diff_ours_vs_scipy": f"{same:.1e}", "dtype": "float64"}
-    rows.append(BenchRow("rotation a->b, d=3, 1 pair", "orthogonal_map(..).matrix()",
-                         "Rotation.align_vectors", t1_ours, t1_peer, target=">= 1x", extra=extra))
-    rows.append(BenchRow(f"rotation a->b, d=3, {pairs} pairs", "orthogonal_map (batched)",
-                         "align_vectors in a loop", tn_ours, tn_peer, target=">= 1x",
-                         extra={"note": "scipy has no one-rotation-per-pair batch call"}))
+    rows.append(BenchRow.of("rotation a->b, d=3, 1 pair", "orthogonal_map(..).matrix()", "Rotation.align_vectors",
+                            t1, ">= 1x", extra))
+    rows.append(BenchRow.of(f"rotation a->b, d=3, {pairs} pairs", "orthogonal_map (batched)",
+                            "align_vectors in a loop", tn, ">= 1x",
+                            {"note": "scipy has no one-rotation-per-pair batch call"}))
     return rows
 
 

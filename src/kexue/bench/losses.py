@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from kexue.bench.base import BenchOptions, BenchRow, compare, peak_memory, register_bench, time_call
+from kexue.bench.base import BenchOptions, BenchRow, compare, peak_memory, register_bench
 from kexue.losses import AMSoftmaxLoss, ArcFaceLoss
 
 N, D = 512, 512
@@ -76,30 +76,22 @@ def run(opts: BenchOptions) -> list[BenchRow]:
             l_ours, l_peer = ours_fn(), peer_fn()
             diff = abs(l_ours - l_peer)
             if c <= 10000:
-                t_ours, t_peer = compare(ours_fn, peer_fn, device=opts.device, repeats=repeats, rounds=rounds)
-            else:  # seconds per call: one warm-up each, then interleaved single calls, best of each
-                t_ours, t_peer = _interleaved(ours_fn, peer_fn, opts.device, rounds)
+                timing = compare(ours_fn, peer_fn, device=opts.device, repeats=repeats, rounds=rounds)
+            else:  # seconds per call: one warm-up each, then single calls in ABBA order, paired
+                timing = compare(ours_fn, peer_fn, device=opts.device, repeats=1, rounds=rounds, warmup=1,
+                                 min_time=0.0)
             m_ours, m_peer = peak_memory(ours_fn, opts.device), peak_memory(peer_fn, opts.device)
             extra = {"loss_ours": round(l_ours, 6), "loss_peer": round(l_peer, 6), "abs_diff": f"{diff:.2e}",
                      "values_equal_1e-5": diff <= 1e-5 * max(1.0, abs(l_peer))}
             if m_ours is not None and m_peer is not None:
                 extra.update({"peak_MB_ours": round(m_ours / 2**20, 1), "peak_MB_peer": round(m_peer / 2**20, 1),
                               "memory_ratio": round(m_ours / max(m_peer, 1), 3)})
-            rows.append(BenchRow(case, f"kexue.{name}", peer_name, t_ours, t_peer, "<= 1.0x time, <= memory",
-                                 extra))
+            rows.append(BenchRow.of(case, f"kexue.{name}", peer_name, timing, "<= 1.0x time, <= memory", extra))
             del peer, peer_fn
         # NaN check at cos = 1 exactly (an embedding equal to its class centre), not timed
         if c == classes[0] and have_peer:
             rows.append(_nan_row(opts))
     return rows
-
-
-def _interleaved(ours_fn, peer_fn, device: str, rounds: int) -> tuple[float, float]:
-    best = [math.inf, math.inf]
-    for _ in range(rounds):
-        for i, fn in enumerate((ours_fn, peer_fn)):
-            best[i] = min(best[i], time_call(fn, device=device, repeats=1, warmup=0, min_time=0.0))
-    return best[0], best[1]
 
 
 def _nan_row(opts: BenchOptions) -> BenchRow:

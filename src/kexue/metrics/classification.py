@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_tensor
+from .._checks import check_choice, check_tensor, compute_dtype
 
 __all__ = ["accuracy", "evaluate_classifier", "expected_calibration_error", "linearity_gap", "nll",
            "predict_logits"]
@@ -64,7 +64,7 @@ def accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).double().mean())
 
 
-def nll(outputs: torch.Tensor, labels: torch.Tensor, inputs: str = "logits") -> float:
+def nll(outputs: torch.Tensor, labels: torch.Tensor, *, inputs: str = "logits") -> float:
     """Mean negative log-likelihood of the true class (natural log), from logits or probabilities.
 
     Example:
@@ -81,7 +81,7 @@ def nll(outputs: torch.Tensor, labels: torch.Tensor, inputs: str = "logits") -> 
     return float(-logp.gather(1, labels.unsqueeze(1)).mean())
 
 
-def expected_calibration_error(probs_or_logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15,
+def expected_calibration_error(probs_or_logits: torch.Tensor, labels: torch.Tensor, *, n_bins: int = 15,
                                inputs: str = "auto") -> float:
     """Expected calibration error with ``n_bins`` equal-width confidence bins.
 
@@ -109,6 +109,11 @@ def expected_calibration_error(probs_or_logits: torch.Tensor, labels: torch.Tens
     return float((sum_acc - sum_conf).abs().sum() / conf.numel())
 
 
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -133,7 +138,7 @@ class _EvalMode:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
     """Model outputs on ``x`` in batches, in eval mode and without gradients (float32, on CPU).
 
     Example:
@@ -141,6 +146,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> 
         torch.Size([10, 3])
     """
     check_tensor("x", x, min_dim=1)
+    _check_batch_size(batch_size)
     dev = _model_device(model)
     outs = []
     with _EvalMode(model):
@@ -150,8 +156,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> 
 
 
 @torch.no_grad()
-def linearity_gap(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, generator: torch.Generator | None = None,
-                  *, eps: torch.Tensor | None = None, batch_size: int = 512, space: str = "probs",
+def linearity_gap(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, *, generator: torch.Generator | None = None,
+                  eps: torch.Tensor | None = None, batch_size: int = 512, space: str = "probs",
                   reduction: str = "mean") -> float | torch.Tensor:
     """How far the model is from linear between inputs -- the regularizer behind mixup (kexue.fm/archives/5693).
 
@@ -180,8 +186,7 @@ def linearity_gap(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, genera
         raise ValueError(f"x_a and x_b must have the same shape, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
     check_choice("space", space, ("probs", "outputs"))
     check_choice("reduction", reduction, ("mean", "none"))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_batch_size(batch_size)
     n = x_a.shape[0]
     if n == 0:
         raise ValueError("x_a must hold at least one pair")
@@ -201,7 +206,7 @@ def linearity_gap(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, genera
             a = x_a[i:i + batch_size].to(dev)
             b = x_b[i:i + batch_size].to(dev)
             e = eps[i:i + batch_size].to(dev)
-            work = torch.float64 if a.dtype == torch.float64 else torch.float32
+            work = compute_dtype(a.dtype)
             ex = e.to(a.dtype).reshape(-1, *([1] * (a.dim() - 1)))
             mixed = ex * a + (1 - ex) * b
             outs = model(torch.cat([mixed, a, b]))
@@ -222,7 +227,7 @@ def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, b
         >>> sorted(m)
         ['accuracy', 'ece', 'error', 'nll']
     """
-    logits = predict_logits(model, x, batch_size)
+    logits = predict_logits(model, x, batch_size=batch_size)
     acc = accuracy(logits, y)
     return {"accuracy": acc, "error": 1.0 - acc, "nll": nll(logits, y),
             "ece": expected_calibration_error(logits, y, n_bins=n_bins, inputs="logits")}

@@ -84,7 +84,7 @@ def _ranked_matches(query_emb, query_labels, db_emb, db_labels, loo, kk, chunk_s
 
 @torch.no_grad()
 def retrieval_metrics(query_emb: torch.Tensor, query_labels: torch.Tensor, db_emb: torch.Tensor | None = None,
-                      db_labels: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10), *,
+                      db_labels: torch.Tensor | None = None, *, ks: Sequence[int] = (1, 5, 10),
                       chunk_size: int = 1024, map_r: bool = True) -> dict[str, float]:
     """All retrieval metrics in one chunked pass: ``top{k}``, ``recall@{k}`` for each ``k`` and ``map@r``.
 
@@ -121,7 +121,7 @@ def retrieval_metrics(query_emb: torch.Tensor, query_labels: torch.Tensor, db_em
 
 
 def retrieval_topk(query_emb: torch.Tensor, query_labels: torch.Tensor, db_emb: torch.Tensor | None = None,
-                   db_labels: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10), *,
+                   db_labels: torch.Tensor | None = None, *, ks: Sequence[int] = (1, 5, 10),
                    chunk_size: int = 1024) -> dict[str, float]:
     """Top-k retrieval accuracy by cosine similarity: a hit if any of the ``k`` nearest has the query's label.
 
@@ -134,12 +134,12 @@ def retrieval_topk(query_emb: torch.Tensor, query_labels: torch.Tensor, db_emb: 
         >>> retrieval_topk(z, torch.tensor([0, 0, 1, 1]), ks=(1, 2))
         {'top1': 1.0, 'top2': 1.0}
     """
-    m = retrieval_metrics(query_emb, query_labels, db_emb, db_labels, ks, chunk_size=chunk_size, map_r=False)
+    m = retrieval_metrics(query_emb, query_labels, db_emb, db_labels, ks=ks, chunk_size=chunk_size, map_r=False)
     return {f"top{k}": m[f"top{k}"] for k in ks}
 
 
 def recall_at_k(query_emb: torch.Tensor, query_labels: torch.Tensor, db_emb: torch.Tensor | None = None,
-                db_labels: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10), *,
+                db_labels: torch.Tensor | None = None, *, ks: Sequence[int] = (1, 5, 10),
                 chunk_size: int = 1024) -> dict[str, float]:
     """Recall@k: the mean fraction of a query's relevant database items found among its ``k`` nearest.
 
@@ -149,7 +149,7 @@ def recall_at_k(query_emb: torch.Tensor, query_labels: torch.Tensor, db_emb: tor
         ...             torch.tensor([0, 0]), ks=(1, 2))
         {'recall@1': 0.5, 'recall@2': 1.0}
     """
-    m = retrieval_metrics(query_emb, query_labels, db_emb, db_labels, ks, chunk_size=chunk_size, map_r=False)
+    m = retrieval_metrics(query_emb, query_labels, db_emb, db_labels, ks=ks, chunk_size=chunk_size, map_r=False)
     return {f"recall@{k}": m[f"recall@{k}"] for k in ks}
 
 
@@ -162,4 +162,4 @@ def map_at_r(query_emb: torch.Tensor, query_labels: torch.Tensor, db_emb: torch.
         >>> map_at_r(z, torch.tensor([0, 0, 1, 1]))
         0.0
     """
-    return retrieval_metrics(query_emb, query_labels, db_emb, db_labels, (1,), chunk_size=chunk_size)["map@r"]
+    return retrieval_metrics(query_emb, query_labels, db_emb, db_labels, ks=(1,), chunk_size=chunk_size)["map@r"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._checks import import_modules
-from .base import STUDIES, Figure, Result, StudyContext, Table, register_study, run_study
+from .base import STUDIES, Figure, Result, StudyContext, Table, register_study, run_study, seeded_global_rng
 
 # Study modules, in the order of the articles they reproduce.
 STUDY_MODULES = ("mixup", "masks", "init", "orthogonal", "margin", "entropy")
@@ -15,4 +15,5 @@ def load_all() -> dict:
     return STUDIES
 
 
-__all__ = ["STUDIES", "Figure", "Result", "StudyContext", "Table", "load_all", "register_study", "run_study"]
+__all__ = ["STUDIES", "Figure", "Result", "StudyContext", "Table", "load_all", "register_study", "run_study",
+           "seeded_global_rng"]

@@ -191,6 +191,48 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, *, device: str | torch.device = "cpu") -> Iterator[None]:
+    """Run a block with torch's global RNG seeded from ``seed``; on exit the caller's RNG state is back.
+
+    Studies draw their own randomness from ``torch.Generator`` objects (:meth:`StudyContext.generator`), but
+    some of torch only reads the global RNG: module constructors (``nn.Linear``/``nn.Conv2d`` initialise their
+    weights with it), ``nn.Dropout``, ``torch.randperm`` without ``generator=``. Wrap one whole training run
+    -- from building the model to its last evaluation -- in this block so those draws depend only on the run's
+    seed, never on what ran before, and leave nothing behind for what runs after (a study must not seed the
+    global RNG: that would change every later study's draws and the user's own).
+
+    It forks the CPU generator, and the CUDA generator of ``device`` when it is a CUDA device, with
+    :func:`torch.random.fork_rng`; seeds them with ``seed`` (the CPU one exactly as ``torch.manual_seed(seed)``
+    does, so code that used ``torch.manual_seed(seed)`` before a run draws the same numbers inside the block);
+    and restores both states when the block ends, also by an exception. Other CUDA devices are neither seeded
+    nor touched. Nesting is fine; a training loop that forks and reseeds per epoch (:func:`kexue.train.fit`)
+    keeps working inside it.
+
+    Example:
+        >>> _ = torch.manual_seed(123)
+        >>> state = torch.get_rng_state()
+        >>> with seeded_global_rng(7):
+        ...     a = torch.nn.Linear(3, 2).weight.detach().clone()
+        >>> with seeded_global_rng(7):
+        ...     b = torch.nn.Linear(3, 2).weight.detach().clone()
+        >>> torch.equal(a, b), torch.equal(torch.get_rng_state(), state)
+        (True, True)
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    dev = torch.device(device)
+    cuda: list[int] = []
+    if dev.type == "cuda":
+        cuda = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(cuda[0]):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 @dataclass
 class StudySpec:
     name: str

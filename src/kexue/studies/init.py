@@ -21,6 +21,15 @@ import torch
 from .. import init as ki
 from .base import Result, StudyContext, Table, register_study, torch_threads
 
+QUICK: dict[str, Any] = {
+    "ns": [16, 32, 64, 128, 256, 512], "trials": 3, "square_n": 400, "tall_n": 100, "tall_ratio": 8,
+    "depth": 50, "width": 256, "batch": 32, "networks_per_curve": 3, "rect_widths": [32, 512],
+}
+FULL: dict[str, Any] = {
+    "ns": [16, 32, 64, 128, 256, 512, 1024, 2048], "trials": 10, "square_n": 1000, "tall_n": 250, "tall_ratio": 8,
+    "depth": 100, "width": 512, "batch": 128, "networks_per_curve": 5, "rect_widths": [64, 1024],
+}
+
 CLAIM = ("A matrix with i.i.d. mean-0, variance-1/n entries is approximately orthogonal (error shrinks like 1/n, "
          "for normal and uniform entries alike), so variance 1/fan_out (times 2 before ReLU) keeps activation "
          "norms from exploding or vanishing through depth.")
@@ -113,7 +122,7 @@ def _controls() -> dict[str, Any]:
         w.normal_(0.0, math.sqrt(0.5 / w.shape[0]), generator=generator)
 
     def torch_tanh(w: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        ki.geometric_(w, 5 / 3, generator=generator)
+        ki.geometric_(w, gain=5 / 3, generator=generator)
 
     return {"control: var 1": std1, "control: var 0.5/fan_out": half, "geometric, gain 5/3 (torch tanh)": torch_tanh}
 
@@ -127,7 +136,8 @@ def _status(r: torch.Tensor) -> str:
     return "kept"
 
 
-def _propagation(ctx: StudyContext, depth: int, width: int, batch: int, reps: int) -> tuple[Table, Table, dict]:
+def _propagation(ctx: StudyContext, depth: int, width: int, batch: int, reps: int,
+                 rect_widths: list[int]) -> tuple[Table, Table, dict]:
     schemes: dict[str, Any] = {s: s for s in ki.SCHEMES}
     controls = _controls()
     curves: dict[str, dict[str, torch.Tensor]] = {}
@@ -137,8 +147,8 @@ def _propagation(ctx: StudyContext, depth: int, width: int, batch: int, reps: in
             if not (name.startswith("geometric, gain 5/3") and act != "tanh")]
     for i, (name, act) in enumerate(ctx.pbar(jobs, desc="init: signal propagation")):
         scheme = schemes.get(name, controls.get(name))
-        runs = torch.stack([ki.signal_propagation(scheme, act, depth=depth, width=width, batch=batch,
-                                                  generator=ctx.generator(1000 * rep + 100 + i))
+        runs = torch.stack([ki.signal_propagation(scheme=scheme, activation=act, depth=depth, width=width,
+                                                  batch=batch, generator=ctx.generator(1000 * rep + 100 + i))
                             for rep in range(reps)])
         # geometric mean over independent networks: a finite-width net's log-norm does a random walk
         # (std ~ sqrt(5 L / n) / 2 for ReLU), so one net alone can leave the band by chance
@@ -157,13 +167,13 @@ def _propagation(ctx: StudyContext, depth: int, width: int, batch: int, reps: in
                 "range of the final ratio is shown). 'kept' = final ratio in [0.5, 2]. Gains follow the article: "
                 "1 for linear and tanh, √2 for ReLU (he always uses 2/fan_in; lecun has no gain).")
     # rectangular stacks: fan_out (geometric) vs fan_in (lecun) vs fan_avg (xavier), linear activation
-    lo, hi = (64, 1024) if not ctx.quick else (32, 512)
+    lo, hi = rect_widths
     half_depth = 20
     up = [round(lo * (hi / lo) ** (i / half_depth)) for i in range(half_depth + 1)]
     rect_rows = []
     for j, (label, widths) in enumerate((("widening", up), ("narrowing", up[::-1]))):
         for k, name in enumerate(("geometric", "lecun", "xavier")):
-            r = ki.signal_propagation(name, "linear", depth=half_depth, width=widths, batch=batch,
+            r = ki.signal_propagation(scheme=name, activation="linear", depth=half_depth, width=widths, batch=batch,
                                       generator=ctx.generator(300 + 10 * j + k))
             rect_rows.append([f"{label} {widths[0]}→{widths[-1]}", name, r[-1].item(), _status(r)])
     rect = Table(
@@ -243,19 +253,22 @@ def _figures(ctx: StudyContext, orth: dict, sv: dict, prop: dict, depth: int) ->
 @register_study("init", article=4, title="Initialisation from the geometric view", quick_budget_s=25,
                 full_time="about 3 min on 2 CPU cores (154 s measured on a loaded machine)")
 def run(ctx: StudyContext) -> Result:
-    quick = ctx.quick
-    ns = [16, 32, 64, 128, 256, 512] if quick else [16, 32, 64, 128, 256, 512, 1024, 2048]
-    trials = 3 if quick else 10
-    n_sq, n_tall = (400, 100) if quick else (1000, 250)
-    depth, width, batch, reps = (50, 256, 32, 3) if quick else (100, 512, 128, 5)
-    config = {"ns": ns, "trials": trials, "square_n": n_sq, "tall": [8 * n_tall, n_tall], "depth": depth,
+    return run_config(ctx, QUICK if ctx.quick else FULL)
+
+
+def run_config(ctx: StudyContext, cfg: dict[str, Any]) -> Result:
+    """Run the study with an explicit configuration (``QUICK``, ``FULL`` or a variant of them)."""
+    cfg = dict(cfg)
+    ns, trials, n_sq, n_tall, ratio = cfg["ns"], cfg["trials"], cfg["square_n"], cfg["tall_n"], cfg["tall_ratio"]
+    depth, width, batch, reps = cfg["depth"], cfg["width"], cfg["batch"], cfg["networks_per_curve"]
+    config = {"ns": ns, "trials": trials, "square_n": n_sq, "tall": [ratio * n_tall, n_tall], "depth": depth,
               "width": width, "batch": batch, "networks_per_curve": reps,
               "dtype": "float64 (matrices), float32 (propagation)"}
 
     with torch_threads(1):  # many small matmuls/QRs: threading only adds overhead (and contention)
         t_orth, orth = _orth_error_vs_n(ctx, ns, trials)
-        t_sv, sv = _singular_values(ctx, n_sq, n_tall, 8)
-        t_prop, t_rect, prop = _propagation(ctx, depth, width, batch, reps)
+        t_sv, sv = _singular_values(ctx, n_sq, n_tall, ratio)
+        t_prop, t_rect, prop = _propagation(ctx, depth, width, batch, reps, cfg["rect_widths"])
     _figures(ctx, orth, sv, prop, depth)
 
     # verdict from the numbers

@@ -9,6 +9,7 @@ softmax. It holds here when AM-Softmax's unseen-class top-1 beats softmax's by m
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 
 from kexue.losses import AMSoftmaxLoss, ArcFaceLoss, DistanceMarginLoss, NormFaceLoss, estimate_class_diameter
 from kexue.metrics.retrieval import retrieval_metrics
-from kexue.studies.base import Result, StudyContext, Table, register_study
+from kexue.studies.base import Result, StudyContext, Table, register_study, seeded_global_rng
 
 ARTICLE_TABLE = {  # post 5743 (sentence retrieval, held-out sentences), as digested in articles.md section 7
     "softmax": (0.9077, 0.9565, 0.9673),
@@ -117,27 +118,33 @@ def _embed(model: nn.Module, x: torch.Tensor, device: str, batch: int = 1000) ->
     return torch.cat(out)
 
 
-def _train_one(ds: dict[str, Any], loss_name: str, seed: int, cfg: dict[str, Any], ctx: StudyContext,
-               epochs: int, batch_size: int) -> dict[str, Any]:
+def _train_one(ds: dict[str, Any], loss_name: str, seed: int, cfg: dict[str, Any], device: str, epochs: int,
+               batch_size: int, proj_idx: torch.Tensor | None) -> dict[str, Any]:
+    """One training run and its evaluation, as plain JSON-able values (``ctx.cached_run`` stores them).
+
+    The whole run draws from the global RNG seeded by ``seed`` (model construction) and leaves it as it was.
+    With ``proj_idx``, the run also returns the 2-D PCA of those unseen-class embeddings for the figure.
+    """
     from kexue.nn.vision import SmallCNN
     from kexue.train import TrainConfig, fit
 
-    torch.manual_seed(seed)
-    model = SmallCNN(in_channels=1, num_classes=None, width=cfg["width"], embedding_dim=cfg["embedding_dim"])
-    n = len(ds["train"][1])
-    steps = math.ceil(n / batch_size)
-    loss = _make_loss(loss_name, cfg["embedding_dim"], ds["classes"], steps, torch.Generator().manual_seed(seed))
-    tc = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="adamw", lr=cfg["lr"], weight_decay=1e-4,
-                     schedule="cosine", warmup_epochs=0, seed=seed, device=ctx.device, progress=False)
-    t0 = time.perf_counter()
-    hist = fit(model, ds["train"], tc, loss_fn=loss)
-    train_s = time.perf_counter() - t0
-    zu = _embed(model, ds["unseen"][0], ctx.device)
-    yu = ds["unseen"][1]
-    m = retrieval_metrics(zu, yu, ks=(1, 5, 10))
-    xs, ys = ds["train"]
-    k = min(cfg["n_diameter"], len(ys))
-    zs = _embed(model, xs[:k], ctx.device)
+    with seeded_global_rng(seed, device=device):
+        model = SmallCNN(in_channels=1, num_classes=None, width=cfg["width"], embedding_dim=cfg["embedding_dim"])
+        n = len(ds["train"][1])
+        steps = math.ceil(n / batch_size)
+        loss = _make_loss(loss_name, cfg["embedding_dim"], ds["classes"], steps,
+                          torch.Generator().manual_seed(seed))
+        tc = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="adamw", lr=cfg["lr"], weight_decay=1e-4,
+                         schedule="cosine", warmup_epochs=0, seed=seed, device=device, progress=False)
+        t0 = time.perf_counter()
+        hist = fit(model, ds["train"], tc, loss_fn=loss)
+        train_s = time.perf_counter() - t0
+        zu = _embed(model, ds["unseen"][0], device)
+        yu = ds["unseen"][1]
+        m = retrieval_metrics(zu, yu, ks=(1, 5, 10))
+        xs, ys = ds["train"]
+        k = min(cfg["n_diameter"], len(ys))
+        zs = _embed(model, xs[:k], device)
     units = MARGIN_UNITS[loss_name]
     out = {
         **m, "train_s": train_s, "final_train_loss": hist.last["train_loss"],
@@ -145,9 +152,11 @@ def _train_one(ds: dict[str, Any], loss_name: str, seed: int, cfg: dict[str, Any
         "diam_unseen": float(estimate_class_diameter(zu, yu, distance="sqrt_cosine")),
         "diam_seen_own_units": float(estimate_class_diameter(zs, ys[:k], distance=units)),
         "margin": float(getattr(loss, "margin", 0.0)),
-        "margin_history": list(getattr(loss, "margin_history", [])),
-        "zu": zu, "yu": yu,
+        "margin_history": [[int(s), float(v)] for s, v in getattr(loss, "margin_history", [])],
     }
+    if proj_idx is not None:
+        out["proj"] = _pca2(zu[proj_idx]).tolist()
+        out["proj_labels"] = yu[proj_idx].tolist()
     return out
 
 
@@ -168,21 +177,35 @@ def _pca2(z: torch.Tensor) -> torch.Tensor:
                 full_time="about 10 min on 2 CPU cores (575 s measured; 25 min on shared, busy cores)",
                 datasets=("fashion-mnist", "mnist", "att-faces"))
 def run(ctx: StudyContext) -> Result:
-    cfg = dict(QUICK if ctx.quick else FULL)
+    return run_config(ctx, QUICK if ctx.quick else FULL)
+
+
+def run_config(ctx: StudyContext, cfg: dict[str, Any]) -> Result:
+    """Run the study with an explicit configuration (``QUICK``, ``FULL`` or a variant of them)."""
+    cfg = dict(cfg)
     seeds = [ctx.seed + i for i in range(cfg["seeds"])]
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     data_desc: dict[str, str] = {}
     jobs = [(d, lo, s) for d in cfg["datasets"] for s in seeds for lo in cfg["losses"]]
     bar = ctx.pbar(total=len(jobs), desc="margin")
     cache: dict[str, dict[str, Any]] = {}
+    proj_idx: dict[str, torch.Tensor] = {}
     for d, lo, s in jobs:
         if d not in cache:
             cache.clear()
             cache[d] = _load(d, ctx, cfg, ctx.generator(17))
             data_desc[d] = cache[d]["desc"]
+            if d == cfg["datasets"][0]:  # the projection figure: a fixed subset per loss, first seed
+                g = ctx.generator(99)
+                n_unseen = len(cache[d]["unseen"][1])
+                proj_idx = {name: torch.randperm(n_unseen, generator=g)[:cfg["n_proj"]] for name in cfg["losses"]}
         att = d == "att_faces"
-        r = _train_one(cache[d], lo, s, cfg, ctx, cfg["att_epochs"] if att else cfg["epochs"],
-                       32 if att else cfg["batch_size"])
+        epochs, batch_size = (cfg["att_epochs"], 32) if att else (cfg["epochs"], cfg["batch_size"])
+        proj = proj_idx.get(lo) if d == cfg["datasets"][0] and s == seeds[0] else None
+        key = {"dataset": d, "loss": lo, "seed": s, "base_seed": ctx.seed, "epochs": epochs,
+               "batch_size": batch_size, "projection": proj is not None, "cfg": cfg}
+        r = ctx.cached_run(key, functools.partial(_train_one, cache[d], lo, s, cfg, ctx.device, epochs, batch_size,
+                                                  proj))
         results.setdefault((d, lo), []).append(r)
         if ctx.progress:
             bar.write(f"margin {d} {lo} seed {s}: top1 {r['top1']:.4f} top5 {r['top5']:.4f} top10 {r['top10']:.4f}"
@@ -318,13 +341,11 @@ def _figure_projection(ctx: StudyContext, cfg: dict[str, Any], results: dict) ->
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
-    g = ctx.generator(99)
     for i, lo in enumerate(losses):
         ax = axes[i // cols, i % cols]
         r = results[(d0, lo)][0]
-        idx = torch.randperm(len(r["yu"]), generator=g)[:cfg["n_proj"]]
-        p = _pca2(r["zu"][idx])
-        ax.scatter(p[:, 0], p[:, 1], c=r["yu"][idx], cmap="tab10", s=4, vmin=0, vmax=9)
+        p = torch.tensor(r["proj"])
+        ax.scatter(p[:, 0], p[:, 1], c=r["proj_labels"], cmap="tab10", s=4, vmin=0, vmax=9)
         ax.set_title(f"{lo}: top1 {r['top1']:.3f}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

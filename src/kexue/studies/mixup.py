@@ -24,7 +24,7 @@ import torch
 
 from ..augment import Mixup, SamplePairing, SamplePairingSchedule, mixed_loss, mixup, sample_pairing
 from ..metrics.classification import evaluate_classifier, linearity_gap, predict_logits
-from .base import Result, StudyContext, Table, register_study, torch_threads
+from .base import Result, StudyContext, Table, register_study, seeded_global_rng, torch_threads
 
 METHODS = ("ERM", "SamplePairing", "mixup U[0,1] (Su)", "mixup Beta(0.2,0.2)")
 SU = "mixup U[0,1] (Su)"
@@ -86,7 +86,7 @@ def _transform(method: str, epochs: int):
     if method == "ERM":
         return None
     if method == "SamplePairing":
-        return SamplePairing(sample_pairing_schedule(epochs))
+        return SamplePairing(schedule=sample_pairing_schedule(epochs))
     if method == SU:
         return Mixup(alpha="uniform", num_classes=10)
     return Mixup(alpha=0.2, num_classes=10)
@@ -221,22 +221,23 @@ def run_config(ctx: StudyContext, cfg: dict[str, Any]) -> Result:
 def _train_one(ctx: StudyContext, cfg: dict[str, Any], setting: dict[str, Any], name: str, method: str, seed: int,
                train: tuple, curve_eval: tuple, final: tuple, gap_pairs: tuple, metrics_fn: Callable,
                augment: Any) -> dict[str, Any]:
-    """One training run of the study and its evaluation, as plain JSON-able values."""
+    """One training run of the study and its evaluation, as plain JSON-able values. The whole run draws from
+    the global RNG seeded by ``seed`` (the initial weights: every method gets the same ones for a seed) and
+    leaves it as it was."""
     from ..train import TrainConfig, fit
 
     epochs = cfg["epochs"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_global_rng(seed, device=ctx.device):
         net = _make_net(setting, train[0].shape[1])
-    tc = TrainConfig(epochs=epochs, batch_size=cfg["batch_size"], optimizer="sgd", lr=cfg["lr"],
-                     momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], schedule="cosine",
-                     warmup_epochs=cfg["warmup_epochs"], seed=seed, device=ctx.device, progress=False, log=False)
-    hist = fit(net, train, tc, loss_fn=mixed_loss, batch_transform=_transform(method, epochs), augment=augment,
-               eval_data=curve_eval, metrics_fn=metrics_fn)
-    net = hist.model
-    ev = evaluate_classifier(net, *final)
-    gap_a, gap_b, gap_eps = gap_pairs
-    gap = linearity_gap(net, gap_a, gap_b, eps=gap_eps)
+        tc = TrainConfig(epochs=epochs, batch_size=cfg["batch_size"], optimizer="sgd", lr=cfg["lr"],
+                         momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], schedule="cosine",
+                         warmup_epochs=cfg["warmup_epochs"], seed=seed, device=ctx.device, progress=False, log=False)
+        hist = fit(net, train, tc, loss_fn=mixed_loss, batch_transform=_transform(method, epochs), augment=augment,
+                   eval_data=curve_eval, metrics_fn=metrics_fn)
+        net = hist.model
+        ev = evaluate_classifier(net, *final)
+        gap_a, gap_b, gap_eps = gap_pairs
+        gap = linearity_gap(net, gap_a, gap_b, eps=gap_eps)
     run = {"setting": name, "method": method, "seed": seed, "error": ev["error"], "ece": ev["ece"], "nll": ev["nll"],
            "gap": gap, "clean_train_loss": hist.last["clean_train_loss"],
            "time_s": sum(r["time"] for r in hist.records)}

@@ -14,12 +14,18 @@ from typing import Any
 
 import torch
 
+from ..bench.base import compare, time_call
 from ..linalg import KINDS, naive_matrix, orthogonal_map
 from .base import Result, StudyContext, Table, register_study, torch_threads
 
 CLAIM = ("Three closed forms give an orthogonal T with Ta = b: the rotation I + 2baᵀ − (a+b)(a+b)ᵀ/(1+aᵀb) "
          "(det +1), the Householder reflection I − 2(a−b)(a−b)ᵀ/‖a−b‖² (det −1) and Su's symmetric form "
          "(a+b)(a+b)ᵀ/(1+aᵀb) − I (det (−1)^(d−1)); the symmetric forms also map b to a.")
+
+QUICK: dict[str, Any] = {"d": 64, "pairs_per_case": 100, "speed_dims": [64, 128, 256, 512, 1024],
+                         "speed_vectors": 1024, "speed_dtype": "float32"}
+FULL: dict[str, Any] = {"d": 128, "pairs_per_case": 300, "speed_dims": [32, 64, 128, 256, 512, 1024, 2048, 4096],
+                        "speed_vectors": 4096, "speed_dtype": "float32"}
 
 EXPECTED_DET = {"rotation": "+1", "householder": "−1", "symmetric": "(−1)^(d−1)", "auto": "±1 by branch"}
 
@@ -69,14 +75,14 @@ def _error_table(ctx: StudyContext, d: int, n: int) -> tuple[list[Table], dict[s
             an = a / a.norm(dim=-1, keepdim=True)
             bn = b / b.norm(dim=-1, keepdim=True)
             for kind in KINDS:
-                m = orthogonal_map(a, b, kind)
+                m = orthogonal_map(a, b, kind=kind)
                 T = m.matrix()
                 stats = _measure(T, m(an), bn)
                 rows.append([case, f"ours: {kind}", EXPECTED_DET[kind], *stats[:4], stats[4]])
                 summary[(str(dtype), case, "ours", kind)] = stats
             for kind in ("householder", "rotation", "symmetric"):
                 with torch.no_grad():
-                    T = naive_matrix(a, b, kind)
+                    T = naive_matrix(a, b, kind=kind)
                 mapped = (T @ an.unsqueeze(-1)).squeeze(-1)
                 stats = _measure(T, mapped, bn)
                 rows.append([case, f"naive: {kind}", EXPECTED_DET[kind], *stats[:4], stats[4]])
@@ -94,29 +100,6 @@ def _error_table(ctx: StudyContext, d: int, n: int) -> tuple[list[Table], dict[s
     return tables, summary
 
 
-def _time(fn: Any, repeats: int = 3, min_time: float = 0.005) -> float:
-    """Median seconds per call: one warm-up, then ``repeats`` samples of enough calls to last ``min_time``."""
-    import statistics
-    import time
-
-    fn()
-    n = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        if time.perf_counter() - t0 >= min_time or n >= 4096:
-            break
-        n *= 2
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        samples.append((time.perf_counter() - t0) / n)
-    return statistics.median(samples)
-
-
 def _speed(ctx: StudyContext, dims: list[int], nvec: int) -> tuple[Table, dict[str, Any]]:
     g = ctx.generator(99)
     rows, curves = [], {"d": [], "apply": [], "dense": [], "dense+build": []}
@@ -124,16 +107,17 @@ def _speed(ctx: StudyContext, dims: list[int], nvec: int) -> tuple[Table, dict[s
         a = torch.randn(d, generator=g)
         b = torch.randn(d, generator=g)
         x = torch.randn(nvec, d, generator=g)
-        m = orthogonal_map(a, b, "rotation")
+        m = orthogonal_map(a, b, kind="rotation")
         T = m.matrix()
-        with torch.no_grad():
-            t_apply = _time(lambda m=m, x=x: m(x))
-            t_dense = _time(lambda T=T, x=x: x @ T.T)
-            t_build = _time(lambda m=m, x=x: x @ m.matrix().T)
-        ref = orthogonal_map(a.double(), b.double(), "rotation")(x.double())
+        with torch.no_grad():  # the paired ABBA timer of the benchmarks: apply and dense alternate
+            timing = compare(lambda m=m, x=x: m(x), lambda T=T, x=x: x @ T.T, repeats=3, rounds=1, warmup=1,
+                             min_time=0.005)
+            t_apply, t_dense = timing
+            t_build = time_call(lambda m=m, x=x: x @ m.matrix().T, repeats=3, warmup=1, min_time=0.005)
+        ref = orthogonal_map(a.double(), b.double(), kind="rotation")(x.double())
         e_apply = ((m(x).double() - ref).norm() / ref.norm()).item()
         e_dense = (((x @ T.T).double() - ref).norm() / ref.norm()).item()
-        rows.append([d, nvec, t_apply * 1e3, t_dense * 1e3, t_build * 1e3, t_dense / t_apply, e_apply, e_dense])
+        rows.append([d, nvec, t_apply * 1e3, t_dense * 1e3, t_build * 1e3, timing.ratio, e_apply, e_dense])
         for k, v in zip(curves, (d, t_apply, t_dense, t_build)):
             curves[k].append(v)
     table = Table(
@@ -142,18 +126,22 @@ def _speed(ctx: StudyContext, dims: list[int], nvec: int) -> tuple[Table, dict[s
          "rel. error apply", "rel. error dense"],
         rows,
         caption="Rotation kind (two reflections), float32, one torch thread, median of 3 timing samples on this "
-                "machine. Errors are relative to the float64 result.")
+                "machine, apply and dense taken in alternation (kexue.bench.base.compare); the speedup is the "
+                "median of the paired ratios. Errors are relative to the float64 result.")
     return table, curves
 
 
 @register_study("orthogonal", article=6, title="The orthogonal matrix taking unit vector a to b",
                 quick_budget_s=25, full_time="about 3 min on 2 CPU cores (174 s measured on a loaded machine)")
 def run(ctx: StudyContext) -> Result:
-    quick = ctx.quick
-    d, n = (64, 100) if quick else (128, 300)
-    dims = [64, 128, 256, 512, 1024] if quick else [32, 64, 128, 256, 512, 1024, 2048, 4096]
-    nvec = 1024 if quick else 4096
-    config = {"d": d, "pairs_per_case": n, "speed_dims": dims, "speed_vectors": nvec, "speed_dtype": "float32"}
+    return run_config(ctx, QUICK if ctx.quick else FULL)
+
+
+def run_config(ctx: StudyContext, cfg: dict[str, Any]) -> Result:
+    """Run the study with an explicit configuration (``QUICK``, ``FULL`` or a variant of them)."""
+    cfg = dict(cfg)
+    d, n, dims, nvec = cfg["d"], cfg["pairs_per_case"], cfg["speed_dims"], cfg["speed_vectors"]
+    config = dict(cfg)
 
     with torch_threads(1):  # small ops, and fair timings on a shared machine: one thread for both sides
         err_tables, summ = _error_table(ctx, d, n)

@@ -533,8 +533,9 @@ def fit(model: nn.Module, train: Any, config: TrainConfig | None = None, *,
     - ``loss_fn(outputs, targets) -> scalar``: default cross-entropy. If it is an ``nn.Module`` its
       parameters (e.g. margin-loss class centres) are optimised with the model, synchronised under DDP,
       and checkpointed.
-    - ``augment(x, generator) -> x``: per-batch input augmentation, e.g. :class:`~kexue.train.transforms.FlipCrop`.
-    - ``batch_transform(x, y, generator, epoch) -> (x, targets)``: e.g. mixup returning
+    - ``augment(x, *, generator) -> x``: per-batch input augmentation, e.g.
+      :class:`~kexue.train.transforms.FlipCrop`.
+    - ``batch_transform(x, y, *, generator, epoch) -> (x, targets)``: e.g. mixup returning
       ``(x_mixed, (y_a, y_b, lam))`` for a ``loss_fn`` that consumes that. Runs after ``augment``.
       Both receive the same CPU ``torch.Generator``, seeded from ``(config.seed, epoch, rank)``: draw on the
       CPU with it (``torch.rand(n, generator=g)``) and move the result to ``x.device``.
@@ -710,10 +711,10 @@ def _train_epoch(runner: nn.Module, joint: _Joint, optimizer: torch.optim.Optimi
                 idx = D.shard(idx, rank, world)
             x, y = data.get(idx)
             if augment is not None:
-                x = augment(x, gen)
+                x = augment(x, generator=gen)
             targets: Any = y
             if batch_transform is not None:
-                out = batch_transform(x, y, gen, epoch)
+                out = batch_transform(x, y, generator=gen, epoch=epoch)
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise TypeError("batch_transform must return a pair (x, targets)")
                 x, targets = out

@@ -138,7 +138,7 @@ def _check_int(name: str, v: Any, minimum: int = 1) -> int:
 # ------------------------------------------------------------------------------------------------------
 # BERT masking
 # ------------------------------------------------------------------------------------------------------
-def mask_tokens(input_ids: torch.Tensor, vocab: MaskingVocab, mask_prob: float = 0.15,
+def mask_tokens(input_ids: torch.Tensor, vocab: MaskingVocab, *, mask_prob: float = 0.15,
                 mask_token_prob: float = 0.8, random_token_prob: float = 0.1,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: each non-special position is selected with ``mask_prob``; a selected position becomes

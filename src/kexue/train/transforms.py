@@ -30,7 +30,7 @@ def _check_generator(generator: torch.Generator | None) -> None:
         raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
 
 
-def random_horizontal_flip(x: torch.Tensor, p: float = 0.5, *, generator: torch.Generator | None = None
+def random_horizontal_flip(x: torch.Tensor, *, p: float = 0.5, generator: torch.Generator | None = None
                            ) -> torch.Tensor:
     """Flip each image of ``x`` ``[N, C, H, W]`` left-right with probability ``p`` (one draw per sample).
 
@@ -62,8 +62,8 @@ def _source_index(pos: torch.Tensor, size: int, mode: str) -> tuple[torch.Tensor
     return pos.clamp(0, size - 1), valid
 
 
-def random_crop(x: torch.Tensor, size: int | tuple[int, int] | None = None, padding: int = 4,
-                mode: str = "reflect", *, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop(x: torch.Tensor, *, size: int | tuple[int, int] | None = None, padding: int = 4,
+                mode: str = "reflect", generator: torch.Generator | None = None) -> torch.Tensor:
     """Pad ``x`` ``[N, C, H, W]`` by ``padding`` on each side and cut a random ``size`` window per sample
     (default: the original ``H x W``, the usual CIFAR "pad 4 and crop 32" augmentation).
 
@@ -118,21 +118,21 @@ class FlipCrop:
     Example:
         >>> import torch
         >>> aug = FlipCrop(padding=4)
-        >>> aug(torch.rand(8, 3, 32, 32), torch.Generator().manual_seed(0)).shape
+        >>> aug(torch.rand(8, 3, 32, 32), generator=torch.Generator().manual_seed(0)).shape
         torch.Size([8, 3, 32, 32])
     """
 
-    def __init__(self, padding: int = 4, mode: str = "reflect", flip: bool = True, p: float = 0.5) -> None:
+    def __init__(self, *, padding: int = 4, mode: str = "reflect", flip: bool = True, p: float = 0.5) -> None:
         check_choice("mode", mode, _PAD_MODES)
         if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
             raise ValueError(f"padding must be an int >= 0, got {padding!r}")
         self.padding, self.mode, self.flip, self.p = padding, mode, bool(flip), p
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.padding > 0:
             x = random_crop(x, padding=self.padding, mode=self.mode, generator=generator)
         if self.flip:
-            x = random_horizontal_flip(x, self.p, generator=generator)
+            x = random_horizontal_flip(x, p=self.p, generator=generator)
         return x
 
     def __repr__(self) -> str:
