@@ -521,3 +521,31 @@ def _fit_twice(makers, fit, x, y, cfg):
         assert all(torch.isfinite(torch.tensor(h1.column("train_loss"))))
         # the loop's per-epoch generator makes the whole run reproducible
         assert h1.column("train_loss") == h2.column("train_loss")
+
+
+# ------------------------------------------------------------------------------------------------ on a CUDA device
+# (marked cuda: skipped without a GPU, as in CI; ``pytest -m cuda`` on a GPU machine)
+CUDA = "cuda"
+
+
+@pytest.mark.cuda
+def test_augment_on_cuda_is_seeded_and_matches_cpu_draws():
+    """A CPU generator draws the same pairs and λ for a CUDA batch as for the same batch on the CPU."""
+    from kexue.augment import cutmix, mixup, sample_pairing
+
+    x = torch.rand(7, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    y = torch.arange(7) % 3
+    for fn, kw in [(mixup, dict(alpha=0.2, per="sample")), (cutmix, {}), (sample_pairing, {})]:
+        a = fn(x, y, generator=torch.Generator().manual_seed(5), **kw)
+        b = fn(x.to(CUDA), y.to(CUDA), generator=torch.Generator().manual_seed(5), **kw)
+        assert b[0].device.type == "cuda"
+        torch.testing.assert_close(b[0].cpu(), a[0])
+        for p, r in zip(a[1:], b[1:]):
+            if isinstance(p, torch.Tensor):
+                torch.testing.assert_close(r.cpu(), p)
+            else:
+                assert r == p
+    # a CUDA generator: reproducible on its own device
+    ga, gb = (torch.Generator(device=CUDA).manual_seed(6) for _ in range(2))
+    xd, yd = x.to(CUDA), y.to(CUDA)
+    torch.testing.assert_close(mixup(xd, yd, generator=ga)[0], mixup(xd, yd, generator=gb)[0])

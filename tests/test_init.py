@@ -341,3 +341,17 @@ def test_property_random_shapes(shape, scheme, seed):
         assert w.abs().max().item() <= math.sqrt(6 / (fi + fo)) + 1e-6
     elif scheme == "lecun":
         assert w.abs().max().item() <= 2 / ki.TRUNC_STD_CORRECTION / math.sqrt(fi) + 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ on a CUDA device
+# (marked cuda: skipped without a GPU, as in CI; ``pytest -m cuda`` on a GPU machine)
+@pytest.mark.cuda
+def test_he_normal_on_cuda_matches_cpu_statistics():
+    from kexue.init import he_normal_, orthogonality_error
+
+    w_cpu, w_gpu = torch.empty(256, 128), torch.empty(256, 128, device="cuda")
+    he_normal_(w_cpu, generator=torch.Generator().manual_seed(9))
+    he_normal_(w_gpu, generator=torch.Generator(device="cuda").manual_seed(9))
+    for w in (w_cpu, w_gpu.cpu()):
+        assert abs(float(w.var()) - 2 / 128) < 0.1 * 2 / 128
+    assert float(orthogonality_error(w_gpu)) == pytest.approx(float(orthogonality_error(w_cpu)), rel=0.2)

@@ -296,3 +296,19 @@ def test_property_random_shapes(d, batch, kind, cos, dtype, seed):
     x = torch.randn(*batch, d, dtype=dtype)
     assert torch.allclose(m(x), (T @ x.unsqueeze(-1)).squeeze(-1), atol=10 * TOL[dtype])
     assert torch.allclose(m.inverse()(m(x)), x, atol=10 * TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------------------ on a CUDA device
+# (marked cuda: skipped without a GPU, as in CI; ``pytest -m cuda`` on a GPU machine)
+@pytest.mark.cuda
+def test_orthogonal_map_on_cuda():
+    import torch.nn.functional as F
+
+    from kexue.linalg import orthogonal_map
+
+    g = torch.Generator().manual_seed(8)
+    a = F.normalize(torch.randn(5, 32, generator=g), dim=-1)
+    b = F.normalize(torch.randn(5, 32, generator=g), dim=-1)
+    for kind in ("householder", "rotation", "symmetric"):
+        m = orthogonal_map(a.to("cuda"), b.to("cuda"), kind=kind)
+        torch.testing.assert_close(m(a.to("cuda")), b.to("cuda"), rtol=1e-5, atol=1e-5)

@@ -398,3 +398,22 @@ def test_function_and_class_forms_share_one_argument_order():
         L.CombinedMarginLoss(4, 3, 1.0)
     with pytest.raises(TypeError, match="positional"):
         L.cosine_distance(cos, "euclidean")
+
+
+# ------------------------------------------------------------------------------------------------ on a CUDA device
+# (marked cuda: skipped without a GPU, as in CI; ``pytest -m cuda`` on a GPU machine)
+@pytest.mark.cuda
+def test_margin_losses_on_cuda_match_cpu():
+    from kexue.losses import am_softmax, arcface
+
+    g = torch.Generator().manual_seed(8)
+    cos = torch.rand(16, 10, generator=g) * 2 - 1
+    t = torch.randint(0, 10, (16,), generator=g)
+    for fn in (am_softmax, arcface):
+        c1 = cos.clone().requires_grad_(True)
+        c2 = cos.to("cuda").requires_grad_(True)
+        a, b = fn(c1, t), fn(c2, t.to("cuda"))
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c2.grad.cpu(), c1.grad, rtol=1e-5, atol=1e-6)

@@ -236,7 +236,7 @@ def test_block_mask_path_matches_reference(scale):
 @pytest.mark.parametrize("scale", ["standard", "entropy"])
 def test_empty_row_guard_path(monkeypatch, scale):
     """Devices without SDPA's zero-for-empty-rows behaviour take the guard path; it must agree too."""
-    import kexue.attention.core as core
+    import kexue.attention.prepared as core
 
     monkeypatch.setattr(core, "_ZERO_EMPTY_ROWS", set())
     g = torch.Generator().manual_seed(12)
@@ -288,7 +288,7 @@ def test_attention_traces_as_one_graph_and_matches_eager(mask_name, scale_name, 
 def test_compiled_attention_zeroes_fully_masked_rows(monkeypatch, policy):
     """Rows with no visible key output 0 with zero gradients: from the kernel (the CPU's policy), or, for a
     device without a known policy, by the guard (rows un-masked for the kernel, zeroed after)."""
-    from kexue.attention import core
+    from kexue.attention import prepared as core
 
     if policy == "guard":
         monkeypatch.setattr(core, "_ZERO_EMPTY_ROWS", set())
@@ -688,13 +688,13 @@ def test_empty_rows_of_the_cuda_kernels_are_handled():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["MATH", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"])
 def test_sdpa_backends_zero_empty_rows_under_additive_masks(dtype, backend):
-    """What "cuda" in kexue.attention.core._ZERO_EMPTY_ROWS relies on: with an additive (-inf) float
+    """What "cuda" in kexue.attention.prepared._ZERO_EMPTY_ROWS relies on: with an additive (-inf) float
     mask every CUDA backend that takes a mask returns 0 and zero gradients for a row with no visible key, so
     attention() needs no extra pass or host synchronisation there. (cuDNN's bool-mask path does not: it returns
     a finite non-zero row on torch 2.11, which is why bool masks are converted first.)"""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kexue.attention import core
+    from kexue.attention import prepared as core
 
     if "cuda" not in core._ZERO_EMPTY_ROWS:
         pytest.skip("this torch release takes the guard path on CUDA")

@@ -340,3 +340,28 @@ def test_the_model_init_leaves_a_user_attention_module_s_own_layers_alone():
         assert blk.qkv.weight.std().item() < 0.05 and torch.equal(blk.qkv.bias, torch.zeros_like(blk.qkv.bias))
     out = m(torch.randint(0, 20, (2, 5)), is_causal=True).logits
     assert out.shape == (2, 5, 20) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------------ on a CUDA device
+# (marked cuda: skipped without a GPU, as in CI; ``pytest -m cuda`` on a GPU machine)
+CUDA = "cuda"
+
+
+@pytest.mark.cuda
+def test_transformer_on_cuda_matches_cpu_at_any_length():
+    from kexue.attention import unilm_mask
+    from kexue.nn import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(50, dim=64, depth=2, heads=4, attention_scale="entropy").eval()
+    ids = torch.randint(0, 50, (2, 100), generator=torch.Generator().manual_seed(3))
+    seg = (torch.arange(100) >= 40).long()[None].expand(2, -1)
+    with torch.no_grad():
+        want = model(ids, mask=unilm_mask(seg)).logits
+        gpu = model.to(CUDA)
+        got = gpu(ids.to(CUDA), mask=unilm_mask(seg.to(CUDA))).logits
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = gpu(ids.to(CUDA), mask=unilm_mask(seg.to(CUDA))).logits
+    assert torch.isfinite(low).all()
+    assert (low.float().argmax(-1).cpu() == want.argmax(-1)).float().mean() > 0.9

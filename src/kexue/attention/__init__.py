@@ -3,7 +3,8 @@
 * :mod:`kexue.attention.masks` — predicates, combinators, renderers and builders (article 3);
 * :mod:`kexue.attention.ranks` — :class:`RankMask`, the same masks as O(L) rank vectors;
 * :mod:`kexue.attention.scaling` — the entropy-invariant scale, attention entropy, :func:`resolve_scale` (article 8);
-* :mod:`kexue.attention.core` — :func:`attention` and :class:`PreparedMask` / :func:`prepare_mask`;
+* :mod:`kexue.attention.prepared` — :class:`PreparedMask` / :func:`prepare_mask`: a mask made ready once per forward;
+* :mod:`kexue.attention.core` — :func:`attention`, stateless, on SDPA;
 * :mod:`kexue.attention.reference` — :func:`attention_reference`, what every fast path is tested against;
 * :mod:`kexue.attention.kernels` — the experimental fused Triton kernel (not imported here).
 
@@ -18,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from .core import PreparedMask, attention, prepare_mask
+from .core import attention
 from .masks import (
     MaskMod,
     and_masks,
@@ -44,6 +45,7 @@ from .masks import (
     unilm,
     unilm_mask,
 )
+from .prepared import PreparedMask, prepare_mask
 from .ranks import RankMask
 from .reference import attention_reference
 from .scaling import (

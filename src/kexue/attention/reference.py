@@ -7,7 +7,7 @@ from torch import Tensor
 
 from kexue._checks import compute_dtype
 
-from .core import as_prepared, check_dropout, check_qkv
+from .prepared import as_prepared, check_dropout, check_qkv
 from .scaling import BASE, MIN_N, ScaleArg, check_scale, needs_counts, resolve_scale
 
 __all__ = ["attention_reference"]

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from kexue._checks import check_positive, check_tensor, compute_dtype
 
+from . import _cpu
 from .masks import MaskMod, check_is_causal, render_mask
+from .prepared import allowed_of, as_prepared
 from .ranks import RankMask
 
 __all__ = ["BASE", "MIN_N", "ScaleArg", "entropy_invariant_scale", "logn_factor", "keys_per_row",
@@ -211,9 +213,6 @@ def keys_per_row(mask: Tensor | MaskMod | RankMask | None, q_len: int, k_len: in
         >>> keys_per_row(padding_mask(torch.tensor([[1, 1, 1, 0]])), 2, 4).tolist()
         [[[3, 3]]]
     """
-    from . import _cpu
-    from .core import allowed_of
-
     check_is_causal(is_causal)
     for name, v in (("q_len", q_len), ("k_len", k_len)):
         if isinstance(v, bool) or not isinstance(v, int):
@@ -256,8 +255,6 @@ def attention_entropy(q: Tensor, k: Tensor, mask=None, *, scale: ScaleArg = "sta
         >>> torch.allclose(attention_entropy(q, k, is_causal=True)[0, 0], torch.log(torch.tensor([1., 2., 3.])))
         True
     """
-    from .core import as_prepared
-
     check_tensor("q", q, floating=True, dim=4)
     check_tensor("k", k, floating=True, dim=4)
     check_scale(scale, min_n=min_n, base=base)

@@ -18,7 +18,7 @@ import torch
 
 from kexue.data.tokenizers import CharTokenizer
 from kexue.nn.transformer import Transformer
-from kexue.studies.base import Result, StudyContext, Table, register_study
+from kexue.studies.base import Result, StudyContext, Table, register_study, seeded_global_rng
 from kexue.train.mlm import TokenStream, evaluate_mlm, split_documents, train_mlm
 
 LENGTHS = (64, 128, 256, 512, 1024)
@@ -117,9 +117,9 @@ def run_corpus(ctx: StudyContext, corpus: str, cfg: dict[str, Any], seed: int | 
     out: dict[str, Any] = {"seed": seed, "vocab_size": tok.vocab_size, "train_tokens": train.num_tokens,
                            "held_out_tokens": held.num_tokens}
     for scale in ("standard", "entropy"):
-        torch.manual_seed(seed)
-        model = Transformer(tok.vocab_size, dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"],
-                            attention_scale=scale, rope_base=cfg.get("rope_base", 10000.0))
+        with seeded_global_rng(seed, device=ctx.device):     # (the model's init reads the global RNG)
+            model = Transformer(tok.vocab_size, dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"],
+                                attention_scale=scale, rope_base=cfg.get("rope_base", 10000.0))
         t0 = time.perf_counter()
         hist = train_mlm(model, train, tok, steps=cfg["steps"], batch_size=cfg["batch_size"],
                          seq_len=cfg["seq_len"], lr=cfg["lr"], mask_prob=cfg.get("mask_prob", 0.15),

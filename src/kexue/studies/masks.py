@@ -17,6 +17,7 @@ differ, so the check can fail). The check functions are public so the unit tests
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from kexue.attention import RankMask, causal_mask, permutation_mask, permute_for_plm, unilm_mask
 from kexue.data.tokenizers import CharTokenizer
 from kexue.nn.transformer import Transformer
-from kexue.studies.base import Result, StudyContext, Table, register_study
+from kexue.studies.base import Result, StudyContext, Table, register_study, seeded_global_rng
 from kexue.train.mlm import TokenStream, train_mlm
 
 # The article's UniLM example, with pinyin labels for the figures (no CJK font is assumed).
@@ -203,8 +204,8 @@ def train_tiny_model(ctx: StudyContext, cfg: dict[str, Any]
     text = load_chinese_novels(ctx.data_dir)[cfg["novel"]]
     tok = CharTokenizer.from_corpus(text, min_count=3)
     stream = TokenStream([tok.encode_tensor(text)])
-    torch.manual_seed(ctx.seed)
-    model = Transformer(tok.vocab_size, dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"])
+    with seeded_global_rng(ctx.seed, device=ctx.device):       # (the model's init reads the global RNG)
+        model = Transformer(tok.vocab_size, dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"])
     t0 = time.perf_counter()
     hist = train_mlm(model, stream, tok, steps=cfg["steps"], batch_size=cfg["batch_size"],
                      seq_len=cfg["seq_len"], lr=cfg["lr"], generator=ctx.generator(1),
@@ -219,26 +220,42 @@ def train_tiny_model(ctx: StudyContext, cfg: dict[str, Any]
                 quick_budget_s=45, full_time="about 5 min on 2 CPU cores (600 MLM steps, dim 128, 4 layers)",
                 datasets=("chinese_novels",))
 def run(ctx: StudyContext) -> Result:
-    cfg = dict(QUICK if ctx.quick else FULL)
-    _mask_figure(ctx)
+    return run_config(ctx, QUICK if ctx.quick else FULL)
+
+
+def train_and_check(ctx: StudyContext, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train the tiny model and run the three invariance checks on it: plain JSON-able values (what
+    ``ctx.cached_run`` stores, so a rerun reads them back instead of training again)."""
     model, tok, stream, info = train_tiny_model(ctx, cfg)
     g = ctx.generator(2)
     B, L = cfg["check_batch"], cfg["check_len"]
     ids = stream.sample(B, L, generator=g)
     ids[:, 0] = tok.cls_id
     t = L // 2
-    lm = lm_causality_gap(model, ids, t, g)
-    lm_wrong = lm_causality_gap(model, ids, t, g, causal=False)
+    out: dict[str, Any] = {"info": info}
+    out["lm"], out["lm_wrong"] = lm_causality_gap(model, ids, t, g), lm_causality_gap(model, ids, t, g, causal=False)
     src_len = L // 3
     seg = torch.tensor([[0] * src_len + [1] * (L - src_len)])
-    uni = unilm_source_gap(model, ids, seg, g)
-    uni_wrong = unilm_source_gap(model, ids, seg, g, use_unilm_mask=False)
+    out["uni"] = unilm_source_gap(model, ids, seg, g)
+    out["uni_wrong"] = unilm_source_gap(model, ids, seg, g, use_unilm_mask=False)
     order = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(L - 1, generator=g)])
     ll_mask = plm_loglik_mask(model, ids, order)
     ll_re = plm_loglik_reorder(model, ids, order)
     ll_wrong = plm_loglik_reorder(model, ids, order, keep_positions=False)
-    plm = float((ll_mask - ll_re).abs().max())
-    plm_wrong = float((ll_mask - ll_wrong).abs().max())
+    out["plm"] = float((ll_mask - ll_re).abs().max())
+    out["plm_wrong"] = float((ll_mask - ll_wrong).abs().max())
+    out["ll_mean"] = float(ll_mask.mean())
+    return out
+
+
+def run_config(ctx: StudyContext, cfg: dict[str, Any]) -> Result:
+    """Run the study with an explicit configuration (``QUICK``, ``FULL`` or a variant of them)."""
+    cfg = dict(cfg)
+    _mask_figure(ctx)
+    res = ctx.cached_run({"study": "masks", "seed": ctx.seed, "cfg": cfg}, functools.partial(train_and_check, ctx, cfg))
+    info, B, L = res["info"], cfg["check_batch"], cfg["check_len"]
+    lm, lm_wrong, uni, uni_wrong = res["lm"], res["lm_wrong"], res["uni"], res["uni_wrong"]
+    plm, plm_wrong = res["plm"], res["plm_wrong"]
     cases, mism = unilm_forms_mismatches()
     tol = 1e-4
     rows = [
@@ -256,7 +273,7 @@ def run(ctx: StudyContext) -> Result:
                    caption=f"On a {cfg['depth']}-layer, dim-{cfg['dim']} RoPE Transformer trained {cfg['steps']} "
                            f"MLM steps on {cfg['novel']} (loss {info['loss_first']:.2f} -> "
                            f"{info['loss_last']:.2f}); batch {B} x {L} windows of the novel; fp32. "
-                           f"Mean PLM log-likelihood {float(ll_mask.mean()):.2f} nats.")
+                           f"Mean PLM log-likelihood {res['ll_mean']:.2f} nats.")
     forms = rank_forms()
     ranks = Table("masks_as_ranks", ["mask", "rank of each token (query i sees key j iff rank j <= rank i)",
                                      "entries differing from the dense builder"], forms,

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..core import PreparedMask, as_prepared, check_qkv
+from ..prepared import PreparedMask, as_prepared, check_qkv
 from ..ranks import HIDDEN, RankMask
 from ..reference import attention_reference
 from ..scaling import BASE, MIN_N, LogNScale, ScaleArg, check_scale, resolve_scale

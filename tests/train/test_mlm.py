@@ -366,3 +366,24 @@ def test_train_mlm_last_pt_is_plain_data_and_a_corrupt_one_is_refused(tmp_path):
     last.mkdir()  # a folder where last.pt goes: refused before the first step
     with pytest.raises(ValueError, match="is a folder"):
         _tiny_mlm(tmp_path)()
+
+
+# ------------------------------------------------------------------------------------------------ on a CUDA device
+# (marked cuda: skipped without a GPU, as in CI; ``pytest -m cuda`` on a GPU machine)
+CUDA = "cuda"
+
+
+@pytest.mark.cuda
+def test_mlm_masking_of_a_cuda_batch_is_the_cpu_batch_s():
+    """mask_tokens draws on its generator's device: a CUDA batch gets the CPU batch's masks, on its device."""
+    from kexue.data.tokenizers import CharTokenizer
+    from kexue.train.mlm import mask_tokens
+
+    tok = CharTokenizer(list("abcdefgh"))
+    ids = torch.randint(len(tok.special_ids), tok.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    want = mask_tokens(ids, tok, generator=torch.Generator().manual_seed(2))
+    got = mask_tokens(ids.to(CUDA), tok, generator=torch.Generator().manual_seed(2))
+    assert all(g.device.type == "cuda" for g in got)
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
+    ga, gb = (torch.Generator(device=CUDA).manual_seed(3) for _ in range(2))
+    assert torch.equal(mask_tokens(ids.to(CUDA), tok, generator=ga)[0], mask_tokens(ids.to(CUDA), tok, generator=gb)[0])

@@ -695,3 +695,60 @@ def test_cli_diverging_loss_is_one_line(capsys):
 
     assert main(_tiny("--lr", "1e30")) == 1
     assert "training diverged: training loss became nan" in _one_line(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------------------------------ on a CUDA device
+# (marked cuda: skipped without a GPU, as in CI; ``pytest -m cuda`` on a GPU machine)
+from _problems import small_problem  # noqa: E402  (tests/train is on sys.path: tests/train/conftest.py)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.cuda
+def test_fit_on_cuda_resumes_to_the_uninterrupted_weights(tmp_path):
+    from kexue.train import fit, load_checkpoint
+
+    torch.backends.cudnn.deterministic, saved = True, torch.backends.cudnn.deterministic
+    try:
+        net, data, cfg = small_problem(tmp_path / "full")
+        full = fit(net, data, cfg, eval_data=data)
+        ref = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        assert next(net.parameters()).device.type == "cuda"
+        assert full[-1]["train_loss"] < full[0]["train_loss"]
+
+        net, data, cfg = small_problem(tmp_path / "cut")
+
+        def die(xb, yb, *, generator, epoch):
+            if epoch == 2:
+                raise _Interrupt
+            return xb, yb
+
+        with pytest.raises(_Interrupt):
+            fit(net, data, cfg, batch_transform=die, eval_data=data)
+        assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 2
+        net, data, cfg = small_problem(tmp_path / "cut")
+        cfg.resume = True
+        resumed = fit(net, data, cfg, eval_data=data)
+        assert resumed.resumed_from == 2
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(v.cpu(), ref[k], rtol=1e-6, atol=1e-7, msg=k)
+        assert [r["train_loss"] for r in resumed] == pytest.approx([r["train_loss"] for r in full], rel=1e-6)
+    finally:
+        torch.backends.cudnn.deterministic = saved
+
+
+@pytest.mark.cuda
+def test_fit_with_bf16_autocast_trains_and_runs_in_bf16(tmp_path):
+    from kexue.train import fit
+
+    net, data, cfg = small_problem(tmp_path / "amp", amp="bf16")
+    seen = []
+    handle = net.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    hist = fit(net, data, cfg, eval_data=data)
+    handle.remove()
+    assert torch.bfloat16 in seen                              # the forward ran under autocast
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # master weights stay fp32
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in hist)

@@ -123,3 +123,60 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
     assert proc.stdout.count("kexue.train: synthetic") == 1
     assert "2 process(es)" in proc.stdout and "final: test_error=" in proc.stdout
     assert hist_json.exists()
+
+
+# ------------------------------------------------------------------------------------------------ on a CUDA device
+from _problems import small_problem  # noqa: E402  (tests/train is on sys.path: tests/train/conftest.py)
+
+# (marked cuda: skipped without a GPU, as in CI; ``pytest -m cuda`` on a GPU machine)
+DDP_SCRIPT = textwrap.dedent('''
+    import sys
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    from _problems import small_problem
+    from kexue.train import fit, distributed as D
+
+    world, device, backend = int(sys.argv[4]), sys.argv[5], sys.argv[6]
+    info = D.init_from_env(device, backend=backend)     # fit() then reuses this group
+    assert info.world_size == world and torch.distributed.get_backend() == backend
+    net, data, cfg = small_problem(sys.argv[2], device=device, plain=True)
+    hist = fit(net, data, cfg, eval_data=data)
+    if D.is_main():
+        torch.save({"model": {k: v.cpu() for k, v in net.state_dict().items()}, "history": hist.records},
+                   sys.argv[3])
+    D.cleanup()
+''')
+
+DDP_CASES = [
+    pytest.param("cuda", "nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                          reason="NCCL needs one GPU per process: 2 GPUs")),
+    pytest.param("cuda:0", "gloo", id="gloo-two-processes-one-gpu"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.distributed
+@pytest.mark.parametrize("device,backend", DDP_CASES)
+def test_torchrun_ddp_on_cuda_matches_single_process(tmp_path, device, backend):
+    """The loop under torchrun, 2 processes with DDP over CUDA tensors, against a plain single-process run on
+    the same global batch. NCCL takes one GPU per process (2 GPUs); gloo lets both processes share one."""
+    from kexue.train import fit
+
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(script), os.path.dirname(__file__), str(tmp_path / "ck"), str(out), "2", device, backend]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    net, data, cfg = small_problem(tmp_path / "single", plain=True)
+    single = fit(net, data, cfg, eval_data=data)
+    moved = 0.0
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(got["model"][k], v.cpu(), rtol=1e-4, atol=1e-5, msg=k)
+        start = small_problem(tmp_path / "x", plain=True)[0].state_dict()[k]
+        moved += float((v.cpu().float() - start.float()).abs().max())
+    assert moved > 1e-2                                      # training really moved the weights
+    for a, b in zip(got["history"], single.records):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
