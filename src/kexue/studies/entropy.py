@@ -209,7 +209,12 @@ def _figures(ctx: StudyContext, results: dict[str, dict[str, Any]]) -> None:
                           "if the run is interrupted",
                 datasets=("tinyshakespeare", "chinese_novels"))
 def run(ctx: StudyContext) -> Result:
-    cfg = dict(QUICK if ctx.quick else FULL)
+    return run_config(ctx, QUICK if ctx.quick else FULL)
+
+
+def run_config(ctx: StudyContext, cfg: dict[str, Any]) -> Result:
+    """Run the study with an explicit configuration (``QUICK``, ``FULL`` or a variant of them)."""
+    cfg = dict(cfg)
     results = {corpus: run_seeds(ctx, corpus, cfg) for corpus in cfg["corpora"]}
     return assemble(ctx, cfg, results)
 
@@ -292,7 +297,12 @@ VARIANTS_FULL: dict[str, Any] = dict(QUICK, seeds=3)
                           "dim 64, 2 layers, 800 steps on Tiny Shakespeare)",
                 datasets=("tinyshakespeare",))
 def run_variants(ctx: StudyContext) -> Result:
-    base = dict(VARIANTS_QUICK if ctx.quick else VARIANTS_FULL)
+    return run_variants_config(ctx, VARIANTS_QUICK if ctx.quick else VARIANTS_FULL)
+
+
+def run_variants_config(ctx: StudyContext, base: dict[str, Any]) -> Result:
+    """The variants study with an explicit base configuration (``VARIANTS_QUICK``, ``VARIANTS_FULL`` or another)."""
+    base = dict(base)
     results: dict[str, dict[str, Any]] = {}
     for name, override in VARIANTS.items():
         results[name] = run_seeds(ctx, "tinyshakespeare", {**base, **override})

@@ -46,7 +46,7 @@ FULL: dict[str, Any] = dict(dim=128, depth=4, heads=4, steps=600, batch_size=32,
 
 
 # ------------------------------------------------------------------------------------------------------
-# The invariance checks (used by the study and by tests/test_study_masks.py)
+# The invariance checks (used by the study and by tests/studies/test_masks.py)
 # ------------------------------------------------------------------------------------------------------
 def _perturb(ids: torch.Tensor, where: torch.Tensor, low: int, high: int, generator: torch.Generator
              ) -> torch.Tensor:

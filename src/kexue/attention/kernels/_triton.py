@@ -1,5 +1,5 @@
-"""Triton kernels of :mod:`kexue.attention.fused`: flash-style attention whose mask and per-row scale are worked
-out inside the kernel from O(L) numbers.
+"""Triton kernels of :mod:`kexue.attention.kernels.fused`: flash-style attention whose mask and per-row scale are
+worked out inside the kernel from O(L) numbers.
 
 Imported only when the fused path runs (it needs ``triton``). Under ``TRITON_INTERPRET=1`` the same kernels run
 on CPU tensors in Triton's interpreter (numpy): that is how the test suite checks them without a GPU.
@@ -18,15 +18,13 @@ Notation (one program handles ``BLOCK_M`` query rows of one (batch, head), or ``
 * the forward keeps ``lse2_i = log2 sum_j exp2(c_i log2(e) q_i . k_j)`` (``+inf`` for a row that sees no key,
   whose output is 0) and ``cb_i = c_i / mult_i`` for the backward.
 
-Each program first scans the ranks / groups of the other side (1024 at a time) for the first and the last block
-that some of its rows may see (``_key_range``, ``_query_range``), then loops over that range with no branch
-around its loads, so that Triton software-pipelines them (asynchronous copies; an ``if`` around the loads, as
-the first version had, keeps the pipeliner out -- tests/test_fused_compile.py checks the compiled loops). Blocks
-outside the range are never read; a block inside it that no row may see is masked element-wise like any
-partly visible one. For every mask of article 3 the range is exact (the visible keys are a prefix in rank order,
-documents are contiguous), so a UniLM or prefix-LM mask costs only its visible blocks and an L x L mask is never
-read.
-"""
+Each program first scans the ranks / groups of the other side (1024 at a time) for the first and the last block that
+some of its rows may see (``_key_range``, ``_query_range``), then loops over that range with no branch around its
+loads, so that Triton software-pipelines them (asynchronous copies; an ``if`` around the loads, as the first version
+had, keeps the pipeliner out -- tests/attention/kernels/test_fused_compile.py checks the compiled loops). Blocks
+outside the range are never read; a block inside it that no row may see is masked element-wise like any partly
+visible one. For every mask of article 3 the range is exact (the visible keys are a prefix in rank order, documents
+are contiguous), so a UniLM or prefix-LM mask costs only its visible blocks and an L x L mask is never read. """
 
 from __future__ import annotations
 
