@@ -35,9 +35,9 @@ def _ids(b: int = 3, n: int = 12, seed: int = 0) -> torch.Tensor:
 def test_lm_mask_outputs_ignore_future_tokens(scale, norm):
     m, g = _model(scale, norm), torch.Generator().manual_seed(1)
     for t in (0, 5, 10):
-        assert lm_causality_gap(m, _ids(), t, g) == 0.0
+        assert lm_causality_gap(m, _ids(), t, generator=g) == 0.0
     # without the mask the same perturbation does change earlier outputs (the check can fail)
-    assert lm_causality_gap(m, _ids(), 5, g, causal=False) > 1e-3
+    assert lm_causality_gap(m, _ids(), 5, generator=g, causal=False) > 1e-3
 
 
 @pytest.mark.parametrize("scale", ["standard", "entropy"])
@@ -45,9 +45,9 @@ def test_unilm_mask_source_ignores_target(scale):
     m, g = _model(scale), torch.Generator().manual_seed(2)
     for src in (1, 4, 11):
         seg = torch.tensor([[0] * src + [1] * (12 - src)])
-        assert unilm_source_gap(m, _ids(), seg, g) == 0.0
+        assert unilm_source_gap(m, _ids(), seg, generator=g) == 0.0
     seg = torch.tensor([[0] * 4 + [1] * 8])
-    assert unilm_source_gap(m, _ids(), seg, g, use_unilm_mask=False) > 1e-3
+    assert unilm_source_gap(m, _ids(), seg, generator=g, use_unilm_mask=False) > 1e-3
 
 
 @pytest.mark.parametrize("scale", ["standard", "entropy"])
@@ -85,8 +85,8 @@ def test_checks_hold_on_a_briefly_trained_model():
     train_mlm(m, stream, vocab, steps=20, batch_size=8, seq_len=32, lr=3e-3, progress=False)
     g = torch.Generator().manual_seed(5)
     ids = _ids(2, 24)
-    assert lm_causality_gap(m, ids, 11, g) <= 1e-6
-    assert unilm_source_gap(m, ids, torch.tensor([[0] * 9 + [1] * 15]), g) <= 1e-6
+    assert lm_causality_gap(m, ids, 11, generator=g) <= 1e-6
+    assert unilm_source_gap(m, ids, torch.tensor([[0] * 9 + [1] * 15]), generator=g) <= 1e-6
     order = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(23, generator=g)])
     torch.testing.assert_close(plm_loglik_mask(m, ids, order), plm_loglik_reorder(m, ids, order),
                                rtol=1e-5, atol=1e-4)

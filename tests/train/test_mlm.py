@@ -91,8 +91,8 @@ def test_split_and_windows_do_not_overlap():
     assert w.shape == (3 + 2, 30) and (w.diff(dim=1) == 1).all()
     assert ho.windows(30, max_windows=2).shape == (2, 30)
     # same generator seed, same batches
-    assert torch.equal(tr.sample(8, 20, torch.Generator().manual_seed(3)),
-                       tr.sample(8, 20, torch.Generator().manual_seed(3)))
+    assert torch.equal(tr.sample(8, 20, generator=torch.Generator().manual_seed(3)),
+                       tr.sample(8, 20, generator=torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match="length"):
         ho.sample(2, 1000)
     with pytest.raises(ValueError, match="held_out_fraction"):

@@ -57,14 +57,14 @@ def _perturb(ids: torch.Tensor, where: torch.Tensor, low: int, high: int, genera
 
 
 @torch.no_grad()
-def lm_causality_gap(model: Transformer, ids: torch.Tensor, t: int, generator: torch.Generator,
+def lm_causality_gap(model: Transformer, ids: torch.Tensor, t: int, *, generator: torch.Generator,
                      causal: bool = True) -> float:
     """Max abs change of the outputs (hidden states and logits) at positions ``<= t`` when every token after
     ``t`` is replaced; under the LM mask (``causal=True``) it must be 0.
 
     Example:
         >>> m = Transformer(20, dim=16, depth=1, heads=2)
-        >>> lm_causality_gap(m, torch.randint(5, 20, (2, 9)), 3, torch.Generator().manual_seed(0)) < 1e-6
+        >>> lm_causality_gap(m, torch.randint(5, 20, (2, 9)), 3, generator=torch.Generator().manual_seed(0)) < 1e-6
         True
     """
     pos = torch.arange(ids.shape[1])
@@ -75,7 +75,7 @@ def lm_causality_gap(model: Transformer, ids: torch.Tensor, t: int, generator: t
 
 
 @torch.no_grad()
-def unilm_source_gap(model: Transformer, ids: torch.Tensor, segment_ids: torch.Tensor,
+def unilm_source_gap(model: Transformer, ids: torch.Tensor, segment_ids: torch.Tensor, *,
                      generator: torch.Generator, use_unilm_mask: bool = True) -> float:
     """Max abs change of the source outputs (segment 0) when every target token (segment 1) is replaced;
     under :func:`kexue.attention.unilm_mask` it must be 0 (``use_unilm_mask=False``: no mask, as a contrast).
@@ -83,7 +83,7 @@ def unilm_source_gap(model: Transformer, ids: torch.Tensor, segment_ids: torch.T
     Example:
         >>> m = Transformer(20, dim=16, depth=1, heads=2)
         >>> s = torch.tensor([[0, 0, 0, 1, 1]])
-        >>> unilm_source_gap(m, torch.randint(5, 20, (1, 5)), s, torch.Generator().manual_seed(0)) < 1e-6
+        >>> unilm_source_gap(m, torch.randint(5, 20, (1, 5)), s, generator=torch.Generator().manual_seed(0)) < 1e-6
         True
     """
     seg = segment_ids.expand_as(ids)
@@ -233,11 +233,12 @@ def train_and_check(ctx: StudyContext, cfg: dict[str, Any]) -> dict[str, Any]:
     ids[:, 0] = tok.cls_id
     t = L // 2
     out: dict[str, Any] = {"info": info}
-    out["lm"], out["lm_wrong"] = lm_causality_gap(model, ids, t, g), lm_causality_gap(model, ids, t, g, causal=False)
+    out["lm"] = lm_causality_gap(model, ids, t, generator=g)
+    out["lm_wrong"] = lm_causality_gap(model, ids, t, generator=g, causal=False)
     src_len = L // 3
     seg = torch.tensor([[0] * src_len + [1] * (L - src_len)])
-    out["uni"] = unilm_source_gap(model, ids, seg, g)
-    out["uni_wrong"] = unilm_source_gap(model, ids, seg, g, use_unilm_mask=False)
+    out["uni"] = unilm_source_gap(model, ids, seg, generator=g)
+    out["uni_wrong"] = unilm_source_gap(model, ids, seg, generator=g, use_unilm_mask=False)
     order = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(L - 1, generator=g)])
     ll_mask = plm_loglik_mask(model, ids, order)
     ll_re = plm_loglik_reorder(model, ids, order)

@@ -96,7 +96,7 @@ class TokenStream:
     def num_tokens(self) -> int:
         return sum(d.numel() for d in self.docs)
 
-    def sample(self, batch_size: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, batch_size: int, length: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """``batch_size`` random windows ``[B, length]``; a document is picked with probability proportional
         to its number of start positions, then a start uniformly."""
         _check_int("batch_size", batch_size)
