@@ -50,7 +50,7 @@ def test_every_generator_and_discriminator_shapes_and_gradients(size, channels):
             StyleGenerator(8, size, channels, width=2, mapping_layers=2, generator=g)]
     discs = [DCGANDiscriminator(size, channels, width=2, generator=g),
              DCGANDiscriminator(size, channels, width=2, spectral_norm=True, generator=g),
-             ResNetDiscriminator(size, channels, width=4, spectral_norm=True, generator=g)]
+             ResNetDiscriminator(size, channels, width=8, spectral_norm=True, generator=g)]
     for G in gens:
         x = G(z)
         assert x.shape == (3, channels, size, size)
@@ -246,13 +246,16 @@ def test_adain_is_per_sample_but_batchnorm_is_not():
 def test_spectral_norm_keeps_the_top_singular_value_near_one():
     g = _gen(8)
     D = DCGANDiscriminator(32, 3, width=8, spectral_norm=True, generator=g)
-    for _ in range(20):  # one power iteration per forward in train mode
+    for _ in range(40):  # one power iteration per forward in train mode
         D(torch.randn(4, 3, 32, 32, generator=g))
+    D.eval()  # reading the weight in eval mode runs no further iteration
     layers = [m for m in D.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert len(layers) == 4
     for m in layers:
         w = m.weight.detach().reshape(m.weight.shape[0], -1)
-        assert abs(float(torch.linalg.matrix_norm(w, ord=2)) - 1) < 1e-3
+        top = float(torch.linalg.matrix_norm(w, ord=2))
+        # the power-iteration estimate of sigma is a lower bound, so the normalised weight's norm is >= 1
+        assert 1 - 1e-5 < top < 1.01
         raw = m.parametrizations.weight.original.detach().reshape(w.shape[0], -1)
         assert float(torch.linalg.matrix_norm(raw, ord=2)) > 0  # the stored weight is not normalised
 
