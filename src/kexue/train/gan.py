@@ -53,7 +53,7 @@ from . import distributed as dist
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .loop import _plain, _resolve_device, derive_seed
 
-__all__ = ["GANConfig", "GANHistory", "GANTrainer", "gan_images", "generate", "d_loss", "g_loss",
+__all__ = ["GANConfig", "GANHistory", "GANTrainer", "gan_images", "generate", "d_loss", "g_loss", "image_grid",
            "refresh_batchnorm_stats", "save_image_grid", "train_gan"]
 
 _LOSSES = ("ns", "hinge")
@@ -343,10 +343,36 @@ def refresh_batchnorm_stats(G: nn.Module, *, batches: int = 8, batch_size: int =
     return G
 
 
+def image_grid(images: torch.Tensor, *, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
+    """Images ``[N, C, H, W]`` in [-1, 1] (float) or 0..255 (uint8), 1 or 3 channels, tiled into one uint8
+    picture ``[C, rows * (H + padding) + padding, nrow * (W + padding) + padding]`` on a white background, ``nrow``
+    images per row (default: about square).
+
+    Example:
+        >>> image_grid(torch.zeros(5, 1, 8, 8)).shape
+        torch.Size([1, 22, 32])
+    """
+    check_tensor("images", images, dim=4)
+    n, c, h, w = images.shape
+    if n == 0 or c not in (1, 3):
+        raise ValueError(f"images must be a non-empty [N, 1 or 3, H, W] batch, got shape {tuple(images.shape)}")
+    if nrow is not None and (isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1):
+        raise ValueError(f"nrow must be a positive int or None, got {nrow!r}")
+    x = images.detach().cpu()
+    x = x if x.dtype == torch.uint8 else ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + q * (w + padding)
+        grid[:, top:top + h, left:left + w] = x[i]
+    return grid
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int | None = None,
                     padding: int = 2) -> Path:
-    """Save images ``[N, C, H, W]`` in [-1, 1] (float) or 0..255 (uint8), 1 or 3 channels, as one PNG grid of
-    ``nrow`` columns (default: about square), written atomically. Returns the path.
+    """Save :func:`image_grid` of ``images`` as a PNG file, written atomically. Returns the path.
 
     Example:
         >>> import tempfile, pathlib
@@ -358,21 +384,9 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int 
 
     from .._io import atomic_write
 
-    check_tensor("images", images, dim=4)
-    n, c, h, w = images.shape
-    if n == 0 or c not in (1, 3):
-        raise ValueError(f"images must be a non-empty [N, 1 or 3, H, W] batch, got shape {tuple(images.shape)}")
-    x = images.detach().cpu()
-    x = x if x.dtype == torch.uint8 else ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        top, left = padding + r * (h + padding), padding + q * (w + padding)
-        grid[:, top:top + h, left:left + w] = x[i]
-    arr = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).contiguous().numpy()
-    img = Image.fromarray(arr, mode="L" if c == 1 else "RGB")
+    grid = image_grid(images, nrow=nrow, padding=padding)
+    arr = grid[0].numpy() if grid.shape[0] == 1 else grid.permute(1, 2, 0).contiguous().numpy()
+    img = Image.fromarray(arr)  # 2-D uint8: "L", H x W x 3 uint8: "RGB"
     return atomic_write(Path(path), lambda f: img.save(f, format="PNG"))
 
 
