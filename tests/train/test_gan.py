@@ -418,3 +418,17 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
     ck = load_checkpoint(tmp_path / "ck_ddp" / "checkpoint.pt")
     assert ck["world_size"] == 2 and ck["trainer"]["step"] == 4
     assert sorted(p.name for p in (tmp_path / "ck_ddp").iterdir()) == ["checkpoint.pt"]
+
+
+def test_bench_rows_compare_the_same_architecture():
+    """`kexue bench gan` times our step against a plain PyTorch-examples loop: same nets, same parameter count."""
+    from kexue.bench.gan import _plain_dcgan, _trainer
+    from kexue.nn.gan import count_parameters
+
+    x = torch.randint(0, 256, (128, 1, 32, 32), dtype=torch.uint8)
+    ours = _trainer("bn", 1, 8, "cpu", x)
+    step, gp, dp = _plain_dcgan(1, 8, "cpu", x)
+    assert (count_parameters(ours.G), count_parameters(ours.D)) == (gp, dp)
+    step()
+    d, g = ours.step()
+    assert math.isfinite(d) and math.isfinite(g)
