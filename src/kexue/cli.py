@@ -1,9 +1,11 @@
-"""The ``kexue`` command: ``list``, ``reproduce``, ``bench`` and ``train``.
+"""The ``kexue`` command: ``list``, ``reproduce``, ``bench``, ``train`` and ``sample``.
 
     kexue list
     kexue reproduce --quick                       # every study, quick mode, report in ./report
     kexue reproduce init orthogonal --full --out report-full --data-dir ../shared/data
     kexue bench linalg attention
+    kexue train --task gan --dataset mnist --norm selfmod --checkpoint-dir runs/g
+    kexue sample --checkpoint runs/g --out grid.png
 """
 
 from __future__ import annotations
@@ -257,11 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("train", help="train an image classifier (runs under torchrun too); "
                                  "`kexue train --help` for options", add_help=False)
+
+    ps = sub.add_parser("sample", help="draw a grid of samples from a GAN checkpoint (`kexue train --task gan`; "
+                                       "`kexue train --task gan --help` for its options)")
+    ps.add_argument("--checkpoint", required=True, help="a GAN checkpoint.pt, or the folder holding it")
+    ps.add_argument("--out", required=True, help="the PNG file to write")
+    ps.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    ps.add_argument("--nrow", type=int, default=None, help="images per row (default: about square)")
+    ps.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
+    ps.add_argument("--labels", default=None, help="conditional G: comma-separated class labels, cycled")
+    ps.add_argument("--no-ema", action="store_true", help="use the trained G instead of its EMA")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"] and any(a.split("=")[0] == "--task" for a in argv[1:]):  # --task gan | classify
+        from .train.gan_cli import main as gan_main
+        from .train.gan_cli import split_task
+
+        task, rest = split_task(argv[1:])
+        return int(gan_main(rest) or 0) if task == "gan" else cmd_train(argparse.Namespace(), rest)
     if argv[:1] == ["train"]:
         return cmd_train(argparse.Namespace(), argv[1:])
     parser = build_parser()
@@ -273,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_reproduce(args)
     if args.command == "bench":
         return cmd_bench(args)
+    if args.command == "sample":
+        from .train.gan_cli import cmd_sample
+
+        return cmd_sample(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

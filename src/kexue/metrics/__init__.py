@@ -1,5 +1,7 @@
-"""Metrics: classification (accuracy, NLL, expected calibration error, mixup's linearity gap) and retrieval
-(top-k accuracy, recall@k, mAP@R on cosine similarity, chunked).
+"""Metrics: classification (accuracy, NLL, expected calibration error, mixup's linearity gap), retrieval
+(top-k accuracy, recall@k, mAP@R on cosine similarity, chunked) and generative (Fréchet distance, KID,
+precision/recall, an Inception-Score analogue, the checkerboard score; offline feature extractors), see
+:mod:`kexue.metrics.generative`.
 
 >>> import torch
 >>> from kexue.metrics import accuracy
@@ -15,9 +17,21 @@ from .classification import (
     nll,
     predict_logits,
 )
+from .generative import (
+    FeatureExtractor,
+    checkerboard_score,
+    extract_features,
+    fid_from_features,
+    frechet_distance,
+    inception_score,
+    kid,
+    precision_recall,
+)
 from .retrieval import map_at_r, recall_at_k, retrieval_metrics, retrieval_topk
 
 __all__ = [
+    "FeatureExtractor", "checkerboard_score", "extract_features", "fid_from_features", "frechet_distance",
+    "inception_score", "kid", "precision_recall",
     "accuracy", "evaluate_classifier", "expected_calibration_error", "linearity_gap", "map_at_r", "nll",
     "predict_logits", "recall_at_k", "retrieval_metrics", "retrieval_topk",
 ]

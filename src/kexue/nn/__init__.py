@@ -1,4 +1,5 @@
-"""Layers and models: vision classifiers/embedders and the RoPE Transformer with pluggable attention.
+"""Layers and models: vision classifiers/embedders, the RoPE Transformer with pluggable attention, and the GAN
+generators, discriminators and norms of article 2 (:mod:`kexue.nn.gan`).
 
 >>> import torch
 >>> from kexue.nn import SmallCNN
@@ -6,6 +7,16 @@
 torch.Size([2, 10])
 """
 
+from .gan import (
+    AdaIN2d,
+    ConditionalBatchNorm2d,
+    DCGANDiscriminator,
+    DCGANGenerator,
+    ResNetDiscriminator,
+    ResNetGenerator,
+    SelfModulatedBatchNorm2d,
+    StyleGenerator,
+)
 from .transformer import (
     AttentionModule,
     KVCache,
@@ -18,5 +29,7 @@ from .transformer import (
 )
 from .vision import BasicBlock, ResNet, SmallCNN, resnet18
 
-__all__ = ["AttentionModule", "BasicBlock", "KVCache", "ResNet", "SmallCNN", "SoftmaxAttention", "Transformer",
-           "TransformerBlock", "TransformerCache", "TransformerOutput", "apply_rope", "resnet18"]
+__all__ = ["AdaIN2d", "AttentionModule", "BasicBlock", "ConditionalBatchNorm2d", "DCGANDiscriminator", "DCGANGenerator",
+           "KVCache", "ResNet", "ResNetDiscriminator", "ResNetGenerator", "SelfModulatedBatchNorm2d", "SmallCNN",
+           "SoftmaxAttention", "StyleGenerator", "Transformer", "TransformerBlock", "TransformerCache",
+           "TransformerOutput", "apply_rope", "resnet18"]

@@ -10,7 +10,8 @@ Example:
     >>> len(h)
     1
 
-``python -m kexue.train --help`` trains an image classifier from the command line (also under torchrun).
+``python -m kexue.train --help`` trains an image classifier from the command line (also under torchrun);
+:func:`train_gan` (:mod:`kexue.train.gan`) trains a GAN, ``kexue train --task gan`` from the command line.
 """
 
 from kexue.train import distributed, mlm
@@ -21,10 +22,11 @@ from kexue.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from kexue.train.gan import GANConfig, GANHistory, generate, train_gan
 from kexue.train.loop import TrainConfig, TrainHistory, derive_seed, evaluate, fit, lr_factor
 from kexue.train.transforms import FlipCrop, random_crop, random_horizontal_flip
 
 __all__ = ["TrainConfig", "TrainHistory", "fit", "evaluate", "lr_factor", "derive_seed", "FlipCrop",
            "random_crop", "random_horizontal_flip", "save_checkpoint", "load_checkpoint", "checkpoint_path",
-           "CheckpointError", "check_output_file",
-           "distributed", "mlm"]
+           "CheckpointError", "check_output_file", "distributed", "mlm", "GANConfig", "GANHistory", "train_gan",
+           "generate"]
