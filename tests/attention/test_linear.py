@@ -69,6 +69,7 @@ def test_fast_paths_equal_the_reference_fp64(name):
 
 
 @pytest.mark.parametrize("name", ["elu1", "exp-m"])
+@torch.no_grad()
 def test_every_chunk_size_from_1_to_beyond_L(name):
     fm = _maps()[name]
     q, k, v = _qkv(2, 2, 9, scale=2.0)
@@ -187,6 +188,24 @@ def test_large_logits_stay_finite_and_exact():
         out = linear_attention(q, k, v, feature_map="exp", causal=causal)
         ref = linear_attention_reference(q.double(), k.double(), v.double(), feature_map="exp", causal=causal)
         assert torch.isfinite(out).all() and float((out.double() - ref).abs().max()) < 1e-3
+
+
+def test_a_running_maximum_that_keeps_growing_is_handled_exactly():
+    """Keys whose log-features grow by 150 over the sequence: the chunked form rebases its running sums several
+    times (every time the maximum has grown by 40 in fp32) and still equals the fp64 reference."""
+    import kexue.attention.linear as la
+
+    q, k, v = _qkv(2, 2, 300, dtype=torch.float32)
+    k = k + torch.linspace(0, 150, 300)[:, None]
+    ends = torch.cummax(k.amax(-1), -1).values.reshape(4, 300)[:, 63::64]
+    assert len(la._segments(ends, 40.0)) >= 2
+    out = linear_attention(q, k, v, feature_map="exp", causal=True, chunk_size=64)
+    ref = linear_attention_reference(q.double(), k.double(), v.double(), feature_map="exp", causal=True)
+    assert float((out.double() - ref).abs().max()) < 1e-4
+    st = None
+    for t in range(300):
+        o, st = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], st, feature_map="exp")
+    assert float((o.double() - ref[:, :, -1]).abs().max()) < 1e-4
 
 
 def test_empty_rows_give_zero_never_nan():

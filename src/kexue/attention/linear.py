@@ -223,7 +223,7 @@ class ExpFeatureMap(FeatureMap):
         if self.m is None:
             return x, None
         w = self.proj_q if is_query else self.proj_k
-        return x @ w.to(x.dtype).T, None
+        return F.linear(x, w.to(x.dtype)), None
 
     def extra_repr(self) -> str:
         return "" if self.m is None else f"head_dim={self.head_dim}, num_features={self.m}"
@@ -301,7 +301,7 @@ class FavorPlus(FeatureMap):
 
     def _exponent(self, x: Tensor) -> Tensor:
         """``w_r . (s x)`` (and its negation for the two-sided map): ``[..., num_features]``."""
-        a = x @ (self.omega.to(x.dtype) * self.scale).T
+        a = F.linear(x, self.omega.to(x.dtype) * self.scale)
         return torch.cat([a, -a], dim=-1) if self.two_sided else a
 
     def _row(self, x: Tensor, m: int) -> Tensor:
@@ -565,30 +565,18 @@ def _noncausal(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, st: LinearA
     return fq @ sums, sums, shift
 
 
-def _scan(u: Tensor, s0: Tensor | None, decay: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The states before each chunk, ``S_0 = s0`` (or 0), ``S_{n+1} = decay_n S_n + U_n`` (``decay`` None: 1), as
-    ``[G, n, m, e]``, and the state after the last chunk. One fused op per chunk, written in place when no gradient
-    is needed."""
-    G, n = u.shape[:2]
-    if torch.is_grad_enabled() and (u.requires_grad or (s0 is not None and s0.requires_grad)):
-        cur = torch.zeros_like(u[:, 0]) if s0 is None else s0
-        out = []
-        for i in range(n):
-            out.append(cur)
-            cur = cur + u[:, i] if decay is None else torch.addcmul(u[:, i], cur, decay[:, i])
-        return torch.stack(out, dim=1), cur
-    states = torch.empty_like(u)
-    if s0 is None:
-        states[:, 0].zero_()
-    else:
-        states[:, 0].copy_(s0)
-    for i in range(1, n):
-        if decay is None:
-            torch.add(states[:, i - 1], u[:, i - 1], out=states[:, i])
-        else:
-            torch.addcmul(u[:, i - 1], states[:, i - 1], decay[:, i - 1], out=states[:, i])
-    final = states[:, -1] + u[:, -1] if decay is None else torch.addcmul(u[:, -1], states[:, -1], decay[:, -1])
-    return states, final
+def _segments(ends: Tensor, limit: float) -> list[tuple[int, int]]:
+    """Runs of chunks ``[a, b)`` whose running maxima ``E_n`` (``ends [G, N]``) stay within ``limit`` of ``E_a``
+    in every head (usually one run). A run is closed by chunk ``n``'s own maximum, which only affects the states
+    of later chunks: the split never depends on anything a query could not see."""
+    N = ends.shape[1]
+    out, a = [], 0
+    while a < N:
+        over = ((ends[:, a:] - ends[:, a:a + 1]).amax(0) > limit).nonzero()
+        b = a + int(over[0]) if over.numel() else N
+        out.append((a, b))
+        a = b
+    return out
 
 
 def _causal_chunks(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, s0: Tensor | None, c0: Tensor | None,
@@ -596,36 +584,70 @@ def _causal_chunks(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, s0: Ten
     """Causal linear attention over ``L = N * chunk`` positions in chunks (shapes ``[G, L, .]``, ``G = B * H``).
 
     Inside a chunk: the masked matrix ``(phi(Q_n) phi(K_n)^T) * D`` times ``[V_n, 1]``, where ``D_ij = e^{C_j - C_i}``
-    for ``j <= i`` (1 without a shift) and 0 above the diagonal. Between chunks: the state ``S_n`` (shift
-    ``E_{n-1}``, the running maximum at the end of chunk ``n - 1``), ``S_{n+1} = e^{E_{n-1} - E_n} S_n + U_n`` with
-    ``U_n = sum_{j in n} phi(k_j) e^{C_j - E_n} [v_j, 1]^T`` (one batched matmul for all chunks), and query ``i``
-    reads ``e^{E_{n-1} - C_i} phi(q_i) S_n``. Every exponent is <= 0. Returns ``(o, final sums)``.
+    for ``j <= i`` (1 without a shift) and 0 above the diagonal. Between chunks: the state before chunk ``n`` is
+    ``S_0`` plus the sum of ``U_n' = phi(K_n')^T (e^{C - R} [V_n', 1])`` over the earlier chunks -- one batched matmul
+    and one cumulative sum for all chunks -- kept at a reference shift ``R`` (the running maximum at the end of the
+    run's first chunk; a new run starts when the maximum has grown by more than ``limit``, so ``e^{C - R}`` stays
+    finite), and query ``i`` reads ``e^{R - C_i} phi(q_i) S_n`` (<= 1). Returns ``(o, final sums at shift E_{N-1})``.
     """
     G, L, m = fq.shape
     e = va.shape[-1]
     n = L // chunk
     q4, k4, v4 = fq.view(G, n, chunk, m), fk.view(G, n, chunk, m), va.view(G, n, chunk, e)
-    if c is not None:
-        c3 = c.view(G, n, chunk)
-        ends = c3[:, :, -1]                                            # E_n
-        prev = torch.cat([c0[:, None], ends[:, :-1]], dim=1)           # E_{n-1}
-        vw = v4 * torch.exp(c3 - ends[..., None])[..., None]           # weights relative to the chunk's end
-    else:
-        vw = v4
-    u = k4.transpose(-1, -2) @ vw                                      # U_n: [G, n, m, e]
-    decay = torch.exp(prev - ends)[..., None, None] if c is not None else None      # e^{E_{n-1} - E_n}
-    states, final = _scan(u, s0, decay)
-    inter = q4 @ states                                                # [G, n, chunk, e]
-    scores = q4 @ k4.transpose(-1, -2)                                 # [G, n, chunk, chunk]
+    grad = torch.is_grad_enabled() and (fq.requires_grad or fk.requires_grad or va.requires_grad
+                                        or (s0 is not None and s0.requires_grad))
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).triu_(1)
-    if c is not None:
-        inter = inter * torch.exp(prev[..., None] - c3)[..., None]
-        dmat = (c3[..., None, :] - c3[..., :, None]).masked_fill_(upper, float("-inf")).exp_()
-        scores = scores * dmat
+    scores = q4 @ k4.transpose(-1, -2)                                 # [G, n, chunk, chunk]
+    if c is None:
+        runs = [(0, n)]
+        scores = scores.masked_fill(upper, 0.0) if grad else scores.masked_fill_(upper, 0.0)
     else:
-        scores = scores.masked_fill(upper, 0.0)
+        c3 = c.view(G, n, chunk)
+        ends = c3[:, :, -1]
+        runs = _segments(ends, 40.0 if fq.dtype.itemsize <= 4 else 300.0)
+        dmat = (c3[..., None, :] - c3[..., :, None]).masked_fill_(upper, float("-inf")).exp_()
+        scores = scores * dmat if grad else scores.mul_(dmat)
+    # the states: sums[:, j] = the state after chunk j (inclusive), at reference refs[:, j]
+    parts, refs = [], []
+    carry, carry_ref = s0, c0
+    for a, b in runs:
+        if c is None:
+            vw = v4[:, a:b]
+        else:
+            r = ends[:, a]
+            vw = v4[:, a:b] * torch.exp(c3[:, a:b] - r[:, None, None])[..., None]
+            refs.append(r[:, None].expand(G, b - a))
+        u = k4[:, a:b].transpose(-1, -2) @ vw                          # U_n: [G, b - a, m, e]
+        if carry is not None:
+            base = carry if c is None else carry * torch.exp(carry_ref - r)[:, None, None]
+            if grad:
+                u = torch.cat([(u[:, 0] + base)[:, None], u[:, 1:]], dim=1)
+            else:
+                u[:, 0] += base
+        u = u.cumsum(1) if grad else u.cumsum_(1)
+        parts.append(u)
+        carry, carry_ref = u[:, -1], (None if c is None else r)
+    sums = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)    # [G, n, m, e]
+    # inter-chunk term: chunk j >= 1 reads sums[:, j - 1]; flattened over (head, chunk) both are one batch
+    qf, sf = q4.reshape(G * n, chunk, m), sums.reshape(G * n, m, e)
+    first = (q4[:, 0] @ s0 if s0 is not None else fq.new_zeros(G, chunk, e))
+    if grad:
+        inter = torch.cat([first.new_zeros(1, chunk, e), torch.bmm(qf[1:], sf[:-1])]).view(G, n, chunk, e)
+        inter = torch.cat([first[:, None], inter[:, 1:]], dim=1)
+    else:
+        inter = torch.empty(G * n, chunk, e, dtype=fq.dtype, device=fq.device)
+        torch.bmm(qf[1:], sf[:-1], out=inter[1:])
+        inter = inter.view(G, n, chunk, e)
+        inter[:, 0] = first
+    if c is not None:
+        ref_state = torch.cat([c0[:, None], torch.cat(refs, dim=1)[:, :-1]], dim=1)   # reference of S_j
+        rows = torch.exp(ref_state[..., None] - c3)[..., None]
+        inter = inter * rows if grad else inter.mul_(rows)
     o = torch.baddbmm(inter.reshape(G * n, chunk, e), scores.reshape(G * n, chunk, chunk),
                       v4.reshape(G * n, chunk, e))
+    final = sums[:, -1]
+    if c is not None:
+        final = final * torch.exp(refs[-1][:, -1] - ends[:, -1])[:, None, None]
     return o.view(G, L, e), final
 
 
