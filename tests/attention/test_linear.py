@@ -69,8 +69,13 @@ def test_fast_paths_equal_the_reference_fp64(name):
 
 
 @pytest.mark.parametrize("name", ["elu1", "exp-m"])
+@pytest.mark.parametrize("block_chunks", [64, 2])
 @torch.no_grad()
-def test_every_chunk_size_from_1_to_beyond_L(name):
+def test_every_chunk_size_from_1_to_beyond_L(name, block_chunks, monkeypatch):
+    """Chunk sizes 1..L+1, and (block_chunks=2) long sequences taken a few chunks per pass, state carried."""
+    import kexue.attention.linear as la
+
+    monkeypatch.setattr(la, "_BLOCK_CHUNKS", block_chunks)
     fm = _maps()[name]
     q, k, v = _qkv(2, 2, 9, scale=2.0)
     am = _padding(2, 9)

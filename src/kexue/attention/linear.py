@@ -70,6 +70,9 @@ __all__ = [
 # A shift below every finite log-feature: the running maximum before the first real key (an empty state). Every
 # exponent formed from it is a difference "earlier - later" <= 0, so it only ever produces 0 or 1, never inf.
 _FLOOR = -1e30
+# Chunks per pass of the causal form: their states are materialised together (one batched matmul, one cumulative
+# sum); longer sequences take several passes with the state carried over.
+_BLOCK_CHUNKS = 64
 
 
 def _check_int(name: str, value: object, minimum: int = 1) -> int:
@@ -164,7 +167,7 @@ class Elu1FeatureMap(FeatureMap):
     """
 
     def features(self, x: Tensor, *, is_query: bool = False) -> Tensor:
-        return F.elu(x) + 1.0
+        return F.elu(x).add_(1.0)                     # (elu's backward reads its input, not its output)
 
 
 class ReluFeatureMap(FeatureMap):
@@ -544,6 +547,8 @@ def _normalise(o: Tensor) -> Tensor:
     """``o[..., :-1] / o[..., -1]``, and 0 where the normaliser is 0 (a row that sees no key) -- never NaN."""
     num, den = o[..., :-1], o[..., -1:]
     ok = den > 0
+    if not (torch.is_grad_enabled() and o.requires_grad):
+        return (num / den).masked_fill_(~ok, 0.0)
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
@@ -653,7 +658,9 @@ def _causal_chunks(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, s0: Ten
 
 def _causal(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, st: LinearAttentionState | None,
             chunk: int) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(o, sums, shift)`` for causal attention over all L positions: full chunks, then the rest as one chunk."""
+    """``(o, sums, shift)`` for causal attention over all L positions: blocks of at most ``_BLOCK_CHUNKS`` full
+    chunks (so the chunk states in memory stay ``O(B H _BLOCK_CHUNKS m d)`` whatever L), then the rest as one
+    chunk; the state is carried from block to block."""
     B, H, L, m = fq.shape
     e = va.shape[-1]
     G = B * H
@@ -665,10 +672,12 @@ def _causal(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, st: LinearAtte
         c0 = (st.shift.reshape(G).to(fq.dtype) if st is not None else fq.new_full((G,), _FLOOR))
     chunk = min(chunk, max(L, 1))
     main = (L // chunk) * chunk
+    block = chunk * _BLOCK_CHUNKS
+    pieces = [(lo, min(lo + block, main), chunk) for lo in range(0, main, block)]
+    if L > main:
+        pieces.append((main, L, L - main))
     outs = []
-    for lo, hi, size in ((0, main, chunk), (main, L, L - main)):
-        if hi == lo:
-            continue
+    for lo, hi, size in pieces:
         sub_c = None if cg is None else cg[:, lo:hi]
         o, s = _causal_chunks(fq[:, lo:hi], fk[:, lo:hi], va[:, lo:hi], sub_c, s, c0, size)
         if cg is not None:
