@@ -27,15 +27,18 @@ running state between chunks, fp32 state for fp16/bf16 inputs, any L; key paddin
 ``a_i -> a_i - max_r a_ir``: exact, because the normalised output is unchanged when ``phi(q_i)`` is multiplied by
 any positive number -- the scale invariance the article proves. The **key** side cannot be shifted per key (that
 reweights the keys), and a shift by the maximum over the whole sequence -- what performer-pytorch does -- lets
-future keys change past outputs in causal mode (its issue #82). Here key ``j`` is shifted by the **running
-maximum** ``C_j = max_{j' <= j} max_r a_j'r``, which depends only on the current and earlier positions, and the
-state between positions is rescaled by ``e^{C_j - C_i}`` (<= 1) when the maximum grows -- the online-softmax trick.
-Every key a query ``i`` sums over is then weighted by the same ``e^{-C_i}``, which cancels between numerator and
-denominator: the result is exact (not an approximation), never overflows (every factor is ``<= 1``), and the
-outputs before ``t`` are bit-identical whatever the keys at ``t`` and later are (the tests check this). A fixed
-shift was rejected: ``e^x`` on learned ``q/k`` has no a-priori bound, and FAVOR+'s bound ``|w|^2/2`` (~30-50 for
-``d = 64``) is so loose that typical keys would underflow. Non-causal attention sees every key anyway and shifts
-by the maximum over the visible (non-padding) keys.
+future keys change past outputs in causal mode (its issue #82). Here the keys are shifted by the **running
+maximum** ``C_i = max_{j <= i} max_r log phi_r(k_j)``, which depends only on the current and earlier positions:
+query ``i`` sums ``phi(k_j) e^{-C_i}`` over its keys, and the state carried between positions is rescaled by
+``e^{C_before - C_after}`` (<= 1) when the maximum grows -- the online-softmax trick. Every key a query sums over is
+weighted by the same ``e^{-C_i}``, which cancels between numerator and denominator: the result is exact (not an
+approximation), it cannot overflow, and the outputs before ``t`` are bit-identical whatever the keys and values at
+``t`` and later are (the tests check this). The chunked form keeps the per-chunk sums at the running maximum of an
+earlier chunk end (so one cumulative sum gives every chunk's state) and starts a new reference when the maximum has
+grown by more than 40 (fp32; 300 in fp64), so no factor exceeds ``e^40``; where it starts one is decided by the
+chunks already summed, never by later ones. A fixed shift was rejected: ``e^x`` on learned ``q/k`` has no a-priori
+bound, and FAVOR+'s bound ``|w|^2/2`` (~30-50 for ``d = 64``) is so loose that typical keys would underflow.
+Non-causal attention sees every key anyway and shifts by the maximum over the visible (non-padding) keys.
 
 Example:
     >>> import torch
