@@ -226,6 +226,10 @@ def test_empty_rows_give_zero_never_nan():
                 assert torch.equal(out[0, :, :3], torch.zeros_like(out[0, :, :3]))
             grads = torch.autograd.grad(out.sum(), (q, k, v))
             assert all(torch.isfinite(g).all() for g in grads)
+    for causal in (True, False):                                # no position at all
+        e = torch.zeros(1, 2, 0, D)
+        out, st = linear_attention(e, e, e, feature_map="exp", causal=causal, return_state=True)
+        assert out.shape == (1, 2, 0, D) and st.sums.shape == (1, 2, D, D + 1)
     # relu features can all be 0: such a query outputs 0
     out = linear_attention(-q.detach().abs(), k.detach(), v.detach(), feature_map="relu", causal=True)
     assert torch.equal(out, torch.zeros_like(out))

@@ -588,7 +588,7 @@ def _segments(ends: Tensor, limit: float) -> list[tuple[int, int]]:
 
 
 def _causal_chunks(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, s0: Tensor | None, c0: Tensor | None,
-                   chunk: int) -> tuple[Tensor, Tensor]:
+                   chunk: int, want_final: bool = True) -> tuple[Tensor, Tensor | None]:
     """Causal linear attention over ``L = N * chunk`` positions in chunks (shapes ``[G, L, .]``, ``G = B * H``).
 
     Inside a chunk: the masked matrix ``(phi(Q_n) phi(K_n)^T) * D`` times ``[V_n, 1]``, where ``D_ij = e^{C_j - C_i}``
@@ -596,7 +596,8 @@ def _causal_chunks(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, s0: Ten
     ``S_0`` plus the sum of ``U_n' = phi(K_n')^T (e^{C - R} [V_n', 1])`` over the earlier chunks -- one batched matmul
     and one cumulative sum for all chunks -- kept at a reference shift ``R`` (the running maximum at the end of the
     run's first chunk; a new run starts when the maximum has grown by more than ``limit``, so ``e^{C - R}`` stays
-    finite), and query ``i`` reads ``e^{R - C_i} phi(q_i) S_n`` (<= 1). Returns ``(o, final sums at shift E_{N-1})``.
+    finite), and query ``i`` reads ``e^{R - C_i} phi(q_i) S_n`` (<= 1). Returns ``(o, final sums at shift E_{N-1})``;
+    with ``want_final=False`` and a single chunk (training at L <= chunk) no state is formed and None is returned.
     """
     G, L, m = fq.shape
     e = va.shape[-1]
@@ -615,6 +616,12 @@ def _causal_chunks(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, s0: Ten
         runs = _segments(ends, 40.0 if fq.dtype.itemsize <= 4 else 300.0)
         dmat = (c3[..., None, :] - c3[..., :, None]).masked_fill_(upper, float("-inf")).exp_()
         scores = scores * dmat if grad else scores.mul_(dmat)
+    if n == 1 and not want_final:                                      # one chunk: only the incoming state
+        first = q4 @ s0[:, None] if s0 is not None else fq.new_zeros(G, 1, chunk, e)
+        if c is not None:
+            first = first * torch.exp(c0[:, None, None] - c3)[..., None]
+        o = torch.baddbmm(first.reshape(G, chunk, e), scores.reshape(G, chunk, chunk), v4.reshape(G, chunk, e))
+        return o.view(G, L, e), None
     # the states: sums[:, j] = the state after chunk j (inclusive), at reference refs[:, j]
     parts, refs = [], []
     carry, carry_ref = s0, c0
@@ -660,7 +667,7 @@ def _causal_chunks(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, s0: Ten
 
 
 def _causal(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, st: LinearAttentionState | None,
-            chunk: int) -> tuple[Tensor, Tensor, Tensor | None]:
+            chunk: int, want_state: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(o, sums, shift)`` for causal attention over all L positions: blocks of at most ``_BLOCK_CHUNKS`` full
     chunks (so the chunk states in memory stay ``O(B H _BLOCK_CHUNKS m d)`` whatever L), then the rest as one
     chunk; the state is carried from block to block."""
@@ -680,13 +687,16 @@ def _causal(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, st: LinearAtte
     if L > main:
         pieces.append((main, L, L - main))
     outs = []
-    for lo, hi, size in pieces:
+    for i, (lo, hi, size) in enumerate(pieces):
         sub_c = None if cg is None else cg[:, lo:hi]
-        o, s = _causal_chunks(fq[:, lo:hi], fk[:, lo:hi], va[:, lo:hi], sub_c, s, c0, size)
+        o, s = _causal_chunks(fq[:, lo:hi], fk[:, lo:hi], va[:, lo:hi], sub_c, s, c0, size,
+                              want_final=want_state or i < len(pieces) - 1)
         if cg is not None:
             c0 = sub_c[:, -1]
         outs.append(o)
-    if s is None:                                                      # L = 0: nothing seen, state unchanged
+    if s is None:                                   # L = 0 (nothing seen, state unchanged) or no state wanted
+        if not want_state:
+            return (torch.cat(outs, dim=1) if outs else fq.new_zeros(G, 0, e)).view(B, H, L, e), None, None
         s = fq.new_zeros(G, m, e)
     o = outs[0] if len(outs) == 1 else (torch.cat(outs, dim=1) if outs else fq.new_zeros(G, 0, e))
     shift = None if c0 is None else c0.reshape(B, H)
@@ -746,7 +756,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: str | Feat
                          + ("" if st is None else f"; initial_state has {m}"))
     va = _augment(vc, valid, kscale)
     if causal:
-        o, sums, shift = _causal(fq, fk, va, c, st, chunk_size)
+        o, sums, shift = _causal(fq, fk, va, c, st, chunk_size, want_state=return_state)
     else:
         o, sums, shift = _noncausal(fq, fk, va, c, st)
     out = _normalise(o).to(q.dtype)
