@@ -207,8 +207,9 @@ def test_a_running_maximum_that_keeps_growing_is_handled_exactly():
     out = linear_attention(q, k, v, feature_map="exp", causal=True, chunk_size=64)
     ref = linear_attention_reference(q.double(), k.double(), v.double(), feature_map="exp", causal=True)
     assert float((out.double() - ref).abs().max()) < 1e-4
-    st = None
-    for t in range(300):
+    _, st = linear_attention(q[:, :, :290], k[:, :, :290], v[:, :, :290], feature_map="exp", causal=True,
+                             return_state=True)
+    for t in range(290, 300):
         o, st = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], st, feature_map="exp")
     assert float((o.double() - ref[:, :, -1]).abs().max()) < 1e-4
 
@@ -355,7 +356,7 @@ def test_transformer_with_linear_attention_decodes_with_its_cache(feature_map, m
     outs = [model(ids[:, :6], is_causal=True, cache=cache, attention_mask=am[:, :6]).logits]
     for t in range(6, 13):
         outs.append(model(ids[:, t:t + 1], is_causal=True, cache=cache, attention_mask=am[:, :t + 1]).logits)
-    assert float((torch.cat(outs, 1) - full).abs().max()) < 1e-10
+    assert float((torch.cat(outs, 1) - full).detach().abs().max()) < 1e-10
     cache.reorder(torch.tensor([1, 1]))
     assert cache.layers[0].state.sums.shape[0] == 2 and torch.equal(cache.layers[0].state.sums[0],
                                                                      cache.layers[0].state.sums[1])
