@@ -139,7 +139,7 @@ def test_recurrent_steps_equal_the_reference(name):
         o, st = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], st, feature_map=fm,
                                       key_valid=am[:, t].bool())
         outs.append(o)
-    assert float((torch.stack(outs, 2) - ref).abs().max()) < 1e-10
+    assert float((torch.stack(outs, 2) - ref).detach().abs().max()) < 1e-10
     o4, _ = linear_attention_step(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, feature_map=fm)   # [B, H, 1, D] too
     assert o4.shape == (2, 2, 1, D)
 
