@@ -1,4 +1,5 @@
-"""Softmax attention: masks as predicates (article 3), length-aware scales (article 8), a stateless SDPA entry point.
+"""Attention: masks as predicates (article 3), linear attention (article 5), length-aware scales (article 8), a
+stateless SDPA entry point.
 
 * :mod:`kexue.attention.masks` — predicates, combinators, renderers and builders (article 3);
 * :mod:`kexue.attention.ranks` — :class:`RankMask`, the same masks as O(L) rank vectors;
@@ -6,6 +7,9 @@
 * :mod:`kexue.attention.prepared` — :class:`PreparedMask` / :func:`prepare_mask`: a mask made ready once per forward;
 * :mod:`kexue.attention.core` — :func:`attention`, stateless, on SDPA;
 * :mod:`kexue.attention.reference` — :func:`attention_reference`, what every fast path is tested against;
+* :mod:`kexue.attention.linear` — linear attention (article 5): feature maps (exp, elu+1, relu, FAVOR+, hyperbolic),
+  :func:`linear_attention` (chunked causal, recurrent state), :func:`linear_attention_step`,
+  :func:`linear_attention_reference` and the :class:`LinearAttention` layer;
 * :mod:`kexue.attention.kernels` — the experimental fused Triton kernel (not imported here).
 
 Example:
@@ -20,6 +24,24 @@ Example:
 from __future__ import annotations
 
 from .core import attention
+from .linear import (
+    FEATURE_MAPS,
+    Elu1FeatureMap,
+    ExpFeatureMap,
+    FavorPlus,
+    FavorPlusHyperbolic,
+    FeatureMap,
+    LinearAttention,
+    LinearAttentionCache,
+    LinearAttentionState,
+    ReluFeatureMap,
+    linear_attention,
+    linear_attention_reference,
+    linear_attention_step,
+    linear_attention_weights,
+    make_feature_map,
+    random_features,
+)
 from .masks import (
     MaskMod,
     and_masks,
@@ -67,4 +89,8 @@ __all__ = [
     "BASE", "MIN_N", "entropy_invariant_scale", "logn_factor", "keys_per_row", "attention_entropy", "LogNScale",
     "resolve_scale",
     "PreparedMask", "prepare_mask", "attention", "attention_reference",
+    "FEATURE_MAPS", "FeatureMap", "ExpFeatureMap", "Elu1FeatureMap", "ReluFeatureMap", "FavorPlus",
+    "FavorPlusHyperbolic",
+    "make_feature_map", "random_features", "LinearAttentionState", "linear_attention", "linear_attention_step",
+    "linear_attention_reference", "linear_attention_weights", "LinearAttention", "LinearAttentionCache",
 ]

@@ -205,6 +205,32 @@ class SoftmaxAttention(nn.Module):
         return f"scale={self.scale!r}, min_n={self.min_n}, base={self.base}" + (f", {tail}" if tail else "")
 
 
+ATTENTION_NAMES = ("linear",)
+
+
+def named_attention_factory(name: str, *, head_dim: int, feature_map: str | None = None,
+                            num_features: int | None = None) -> Callable[[int], nn.Module]:
+    """``factory(layer_index)`` for ``Transformer(attention=name)``: ``"linear"`` gives a new
+    :class:`~kexue.attention.LinearAttention` (``feature_map``, default ``"exp"``; ``num_features``) per layer.
+
+    Example:
+        >>> named_attention_factory("linear", head_dim=8, feature_map="elu1")(0)
+        LinearAttention(
+          chunk_size=64
+          (feature_map): Elu1FeatureMap()
+        )
+    """
+    check_choice("attention", name, ATTENTION_NAMES)
+    from kexue.attention import FEATURE_MAPS, LinearAttention
+
+    fm = "exp" if feature_map is None else feature_map
+    check_choice("feature_map", fm, FEATURE_MAPS)
+    if num_features is not None and (isinstance(num_features, bool) or not isinstance(num_features, int)
+                                     or num_features < 1):
+        raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+    return lambda i: LinearAttention(fm, head_dim=head_dim, num_features=num_features)
+
+
 def _check_sizes(dim: int, heads: int, mlp_ratio: float) -> int:
     """Check a block's sizes; returns the MLP's hidden width ``int(dim * mlp_ratio)``, which must be >= 1."""
     for name, val in (("dim", dim), ("heads", heads)):
@@ -307,7 +333,10 @@ class Transformer(nn.Module):
         attention_backend: the default attention's kernel, ``"sdpa"`` or the experimental ``"fused"``
             (:class:`SoftmaxAttention`).
         attention: one attention module shared by every block (see the module docstring for the protocol);
-            overrides ``attention_scale``. Its own layers keep their initialisation.
+            overrides ``attention_scale``. Its own layers keep their initialisation. Or a name:
+            ``"linear"`` builds one :class:`~kexue.attention.LinearAttention` per block (article 5) with
+            ``feature_map`` (``"exp"``, the default, ``"elu1"``, ``"relu"``, ``"favor"``, ``"favor_hyp"``) and
+            ``num_features`` (``m``; the random maps draw from torch's global RNG).
         attention_factory: ``f(layer_index) -> attention`` to build one attention module per block.
         rope_base: RoPE frequency base. dropout: dropout on residual branches.
 
@@ -333,10 +362,11 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, vocab_size: int, *, dim: int = 256, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
-                 norm: str = "pre", attention_scale: str = "standard", attention: Callable | None = None,
+                 norm: str = "pre", attention_scale: str = "standard", attention: Callable | str | None = None,
                  attention_factory: Callable[[int], Callable] | None = None, min_n: float = MIN_N,
                  base: float = BASE, rope_base: float = 10000.0, dropout: float = 0.0,
-                 attention_backend: str = "sdpa") -> None:
+                 attention_backend: str = "sdpa", feature_map: str | None = None,
+                 num_features: int | None = None) -> None:
         super().__init__()
         check_choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
         for name, val in (("vocab_size", vocab_size), ("depth", depth)):
@@ -350,6 +380,14 @@ class Transformer(nn.Module):
         check_positive("dropout", dropout, allow_zero=True)
         if dim % heads or (dim // heads) % 2:
             raise ValueError(f"dim / heads must be an even integer (RoPE), got dim={dim}, heads={heads}")
+        if isinstance(attention, str):          # a named attention: one module per layer from its factory
+            if attention_factory is not None:
+                raise ValueError("pass at most one of attention and attention_factory")
+            attention_factory = named_attention_factory(attention, head_dim=dim // heads,
+                                                        feature_map=feature_map, num_features=num_features)
+            attention = None
+        elif feature_map is not None or num_features is not None:
+            raise ValueError("feature_map and num_features are options of attention='linear'")
         if attention is not None and attention_factory is not None:
             raise ValueError("pass at most one of attention and attention_factory")
         if attention is not None and not callable(attention):
@@ -479,5 +517,6 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-__all__ = ["ATTENTION_BACKENDS", "ATTENTION_SCALES", "AttentionModule", "KVCache", "SoftmaxAttention", "Transformer",
-           "TransformerBlock", "TransformerCache", "TransformerOutput", "apply_rope"]
+__all__ = ["ATTENTION_BACKENDS", "ATTENTION_NAMES", "ATTENTION_SCALES", "AttentionModule", "KVCache",
+           "SoftmaxAttention", "Transformer", "TransformerBlock", "TransformerCache", "TransformerOutput", "apply_rope",
+           "named_attention_factory"]
