@@ -1,5 +1,5 @@
-"""Metrics: classification (accuracy, NLL, expected calibration error, mixup's linearity gap) and retrieval
-(top-k accuracy, recall@k, mAP@R on cosine similarity, chunked).
+"""Metrics: classification (accuracy, NLL, expected calibration error, mixup's linearity gap), retrieval
+(top-k accuracy, recall@k, mAP@R on cosine similarity, chunked) and text generation (ROUGE, BLEU; ``kexue[bert]``).
 
 >>> import torch
 >>> from kexue.metrics import accuracy
@@ -16,8 +16,9 @@ from .classification import (
     predict_logits,
 )
 from .retrieval import map_at_r, recall_at_k, retrieval_metrics, retrieval_topk
+from .text import bleu, rouge, text_metrics
 
 __all__ = [
-    "accuracy", "evaluate_classifier", "expected_calibration_error", "linearity_gap", "map_at_r", "nll",
-    "predict_logits", "recall_at_k", "retrieval_metrics", "retrieval_topk",
+    "accuracy", "bleu", "evaluate_classifier", "expected_calibration_error", "linearity_gap", "map_at_r", "nll",
+    "predict_logits", "recall_at_k", "retrieval_metrics", "retrieval_topk", "rouge", "text_metrics",
 ]
