@@ -16,7 +16,7 @@ from .base import (
     time_call,
 )
 
-BENCH_MODULES = ("augment", "attention", "linalg", "losses")
+BENCH_MODULES = ("augment", "attention", "linalg", "losses", "seq2seq")
 
 
 def load_all() -> dict:
