@@ -597,8 +597,9 @@ class BertEncoder(nn.Module):
             if wrong:
                 parts.append(f"{len(wrong)} with the wrong shape, e.g. {'; '.join(wrong[:3])}")
             raise ValueError(f"{source} does not fit this BERT config: " + "; ".join(parts))
-        head_names = [v[len("cls."):] if v.startswith("cls.") else v for v in _HF_HEAD.values()]
-        has_head = all(n in sd for n in head_names)
+        if "cls.predictions.bias" not in sd and "cls.predictions.decoder.bias" in sd:
+            sd["cls.predictions.bias"] = sd["cls.predictions.decoder.bias"]
+        has_head = all(n in sd for n in _HF_HEAD.values())
         with torch.no_grad():
             for p, t in plan:
                 p.copy_(t.to(p.dtype))
@@ -606,7 +607,7 @@ class BertEncoder(nn.Module):
                 for ours, theirs in _HF_HEAD.items():
                     p = self.head_bias if ours == "head_bias" else getattr(getattr(self, ours.split(".")[0]),
                                                                              ours.split(".")[1])
-                    t = sd[theirs[len("cls."):] if theirs.startswith("cls.") else theirs]
+                    t = sd[theirs]
                     if tuple(t.shape) != tuple(p.shape):
                         raise ValueError(f"{source}: MLM head weight {theirs} has shape {tuple(t.shape)}, expected "
                                          f"{tuple(p.shape)}")

@@ -238,7 +238,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "kexue seq2seq") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description=__doc__.split("\n")[0])
+    p = _Parser(prog=prog, description="Fine-tune a BERT into a seq2seq model through the UniLM mask, and generate "
+                                       "with it (kexue.fm/archives/6933).")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="fine-tune a BERT (or train from scratch) on source<TAB>target pairs")
     t.add_argument("--pairs", required=True, help="UTF-8 TSV, one source<TAB>target per line")
