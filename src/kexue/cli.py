@@ -1,4 +1,4 @@
-"""The ``kexue`` command: ``list``, ``reproduce``, ``bench``, ``train`` and ``sample``.
+"""The ``kexue`` command: ``list``, ``reproduce``, ``bench``, ``train``, ``sample`` and ``seq2seq``.
 
     kexue list
     kexue reproduce --quick                       # every study, quick mode, report in ./report
@@ -220,6 +220,12 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return int(train_main(rest, prog="kexue train") or 0)
 
 
+def cmd_seq2seq(rest: list[str]) -> int:
+    from .train.seq2seq_cli import main as seq2seq_main
+
+    return int(seq2seq_main(rest, prog="kexue seq2seq") or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kexue", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
     ps.add_argument("--labels", default=None, help="conditional G: comma-separated class labels, cycled")
     ps.add_argument("--no-ema", action="store_true", help="use the trained G instead of its EMA")
+    sub.add_parser("seq2seq", help="fine-tune a BERT into a seq2seq model with the UniLM mask, and generate; "
+                                   "`kexue seq2seq --help` for options", add_help=False)
     return p
 
 
@@ -282,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(gan_main(rest) or 0) if task == "gan" else cmd_train(argparse.Namespace(), rest)
     if argv[:1] == ["train"]:
         return cmd_train(argparse.Namespace(), argv[1:])
+    if argv[:1] == ["seq2seq"]:
+        return cmd_seq2seq(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv

@@ -16,7 +16,7 @@ from .base import (
     time_call,
 )
 
-BENCH_MODULES = ("augment", "attention", "linalg", "linear", "losses", "gan")
+BENCH_MODULES = ("augment", "attention", "linalg", "linear", "losses", "gan", "seq2seq")
 
 
 def load_all() -> dict:

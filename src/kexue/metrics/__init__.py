@@ -1,7 +1,7 @@
 """Metrics: classification (accuracy, NLL, expected calibration error, mixup's linearity gap), retrieval
-(top-k accuracy, recall@k, mAP@R on cosine similarity, chunked) and generative (Fréchet distance, KID,
+(top-k accuracy, recall@k, mAP@R on cosine similarity, chunked), generative (Fréchet distance, KID,
 precision/recall, an Inception-Score analogue, the checkerboard score; offline feature extractors), see
-:mod:`kexue.metrics.generative`.
+:mod:`kexue.metrics.generative`, and text generation (ROUGE, BLEU; ``kexue[bert]``), see :mod:`kexue.metrics.text`.
 
 >>> import torch
 >>> from kexue.metrics import accuracy
@@ -28,10 +28,11 @@ from .generative import (
     precision_recall,
 )
 from .retrieval import map_at_r, recall_at_k, retrieval_metrics, retrieval_topk
+from .text import bleu, rouge, text_metrics
 
 __all__ = [
     "FeatureExtractor", "checkerboard_score", "extract_features", "fid_from_features", "frechet_distance",
     "inception_score", "kid", "precision_recall",
-    "accuracy", "evaluate_classifier", "expected_calibration_error", "linearity_gap", "map_at_r", "nll",
-    "predict_logits", "recall_at_k", "retrieval_metrics", "retrieval_topk",
+    "accuracy", "bleu", "evaluate_classifier", "expected_calibration_error", "linearity_gap", "map_at_r", "nll",
+    "predict_logits", "recall_at_k", "retrieval_metrics", "retrieval_topk", "rouge", "text_metrics",
 ]

@@ -6,7 +6,7 @@ from .._checks import import_modules
 from .base import STUDIES, Figure, Result, StudyContext, Table, register_study, run_study, seeded_global_rng
 
 # Study modules, in the order of the articles they reproduce.
-STUDY_MODULES = ("mixup", "gan", "masks", "init", "linear", "orthogonal", "margin", "entropy")
+STUDY_MODULES = ("mixup", "gan", "masks", "seq2seq", "init", "linear", "orthogonal", "margin", "entropy")
 
 
 def load_all() -> dict:
