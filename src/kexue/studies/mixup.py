@@ -56,6 +56,7 @@ FIT_LOSS = 0.1  # ERM "has fitted its training set" once its mean clean training
 NEAR_ZERO = 0.05  # ... and is "near zero" at the end of training when at most this
 PLATEAU_PT = 0.5  # its test error "has stopped improving" when the last quarter gains at most this (points)
 WINDOW = 5  # epochs averaged for a point on a learning curve
+COLORS = {"ERM": "C0", "SamplePairing": "C1", "mixup U[0,1] (Su)": "C2", "mixup Beta(0.2,0.2)": "C3"}
 
 # Each setting names its dataset, training-subset size, network and width, and optionally whether CIFAR-style
 # flips and crops are applied ("flip_crop", default False) and its own number of epochs (default: the
@@ -303,7 +304,7 @@ def _curves_figure(ctx: StudyContext, curves: dict[str, dict[str, list[list[dict
             for c, key in enumerate(("clean_train_loss", "test_error")):
                 vals = _curve(runs, key)
                 mean = vals.mean(0)
-                line, = axes[r, c].plot(ep, mean.tolist(), label=method)
+                line, = axes[r, c].plot(ep, mean.tolist(), label=method, color=COLORS[method])
                 if vals.shape[0] > 1:
                     sd = vals.std(0)
                     axes[r, c].fill_between(ep, (mean - sd).tolist(), (mean + sd).tolist(),
@@ -318,6 +319,12 @@ def _curves_figure(ctx: StudyContext, curves: dict[str, dict[str, list[list[dict
         axes[r, 0].set_title(f"{setting}: training loss on clean (unmixed) data", fontsize=9)
         axes[r, 1].set_title(f"{setting}: test error (ERM lowest at epoch {reg['best_epoch']})", fontsize=9)
         axes[r, 0].set_yscale("log")
+        # zoom on where the methods part: from just below the lowest mean to the ERM curve's level a quarter in
+        means = torch.stack([_curve(runs, "test_error").mean(0) for runs in curves[setting].values()])
+        erm_err = _curve(curves[setting]["ERM"], "test_error").mean(0)
+        lo, hi = float(means.min()), float(_window(erm_err, erm_err.numel() // 4))
+        if hi > lo:
+            axes[r, 1].set_ylim(lo - 0.1 * (hi - lo), hi + 0.6 * (hi - lo))
         axes[r, 1].legend(fontsize=7)
     fig.tight_layout()
     ctx.save_figure(fig, "mixup_learning_curves", "Learning curves (mean ± std over seeds): the training loss "
@@ -343,7 +350,7 @@ def _advantage_figure(ctx: StudyContext, curves: dict[str, dict[str, list[list[d
         for method in METHODS[1:]:
             a = torch.stack([advantage(erm, curves[setting][method], e) for e in range(n)], 1)  # [seeds, epochs]
             mean = a.mean(0)
-            line, = ax.plot(ep, mean.tolist(), label=method)
+            line, = ax.plot(ep, mean.tolist(), label=method, color=COLORS[method])
             if a.shape[0] > 1:
                 sd = a.std(0)
                 ax.fill_between(ep, (mean - sd).tolist(), (mean + sd).tolist(), color=line.get_color(), alpha=0.15)
@@ -361,7 +368,7 @@ def _advantage_figure(ctx: StudyContext, curves: dict[str, dict[str, list[list[d
         ax.set_title(f"{setting}", fontsize=9)
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = tw.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=7)
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right", framealpha=0.8)
     fig.tight_layout()
     ctx.save_figure(fig, "mixup_advantage_curves", f"Each method's advantage over ERM (ERM's test error minus the "
                     f"method's, paired by seed, {WINDOW}-epoch moving average; mean ± std over seeds) against the "
