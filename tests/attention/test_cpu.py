@@ -59,3 +59,27 @@ def test_the_switch_gives_the_plain_forms_and_the_same_attention(monkeypatch):
     assert calls                                             # the plain reduction ran
     torch.testing.assert_close(fast, plain, rtol=0, atol=0)
     torch.testing.assert_close(plain, attention_reference(q, k, v, m, scale="entropy"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op,args", [("row_counts", ()), ("to_additive", (torch.float32,)),
+                                     ("to_additive_counted", (torch.float64,))])
+def test_the_ops_pass_opcheck(op, args):
+    m = _layouts()["odd length"]
+    torch.library.opcheck(getattr(torch.ops.kexue, op), (m, *args))
+
+
+def test_a_cpu_trace_calls_the_ops_and_matches_eager():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 24, 8, generator=g) for _ in range(3))
+    m = torch.rand(1, 1, 24, 24, generator=g) > 0.4
+    seen: list[str] = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    fn = torch.compile(lambda q, k, v, m: attention(q, k, v, m, scale="entropy"), backend=backend,
+                       fullgraph=True)
+    got = fn(q, k, v, m)
+    assert any("kexue.to_additive_counted" in s for s in seen), seen
+    torch.testing.assert_close(got, attention(q, k, v, m, scale="entropy"), rtol=0, atol=0)

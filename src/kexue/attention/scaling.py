@@ -96,6 +96,15 @@ def logn_of_counts(counts: Tensor, *, base: float, min_n: float) -> Tensor:
     return torch.log(counts.double().clamp_min(float(min_n))) / math.log(base)
 
 
+def logn_of_causal_rows(q_len: int, k_len: int, *, base: float, min_n: float, dtype: torch.dtype,
+                        device: torch.device) -> Tensor:
+    """:func:`logn_of_counts` of the rows of SDPA's top-left causal mask (``n_i = min(i + 1, k_len)``) as
+    ``[1, 1, q_len, 1]`` in ``dtype``, worked out in place without forming the counts (the same float64 steps,
+    so the same values bit for bit)."""
+    n = torch.arange(1, q_len + 1, dtype=torch.float64, device=device)
+    return n.clamp_max_(k_len).clamp_min_(float(min_n)).log_().div_(math.log(base)).to(dtype).view(1, 1, q_len, 1)
+
+
 def logn_factor(n: float | Tensor, *, base: float = BASE, min_n: float = MIN_N) -> float | Tensor:
     """``log(max(n, min_n)) / log(base)``: the multiplier Attention-E puts on the standard ``1/sqrt(d)``.
 
