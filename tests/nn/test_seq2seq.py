@@ -132,7 +132,14 @@ def test_minilm_hidden_states_match_transformers(hf):
     # no MLM head in this checkpoint: the head starts as the identity transform, the output layer tied
     assert not ours.head_from_checkpoint
     assert torch.equal(ours.head_dense.weight, torch.eye(384))
-    assert ours.embeddings.word_embeddings.weight.data_ptr() == ours.embeddings.word_embeddings.weight.data_ptr()
+    h = torch.randn(2, 384, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours.mlm_logits(h)
+        head = ours.head_ln(ours.head_act(h))                     # the identity dense layer drops out
+        torch.testing.assert_close(logits, head @ ours.embeddings.word_embeddings.weight.T + ours.head_bias)
+        ours.embeddings.word_embeddings.weight[5] += 1.0          # tied: editing the input embedding moves its logit
+        assert not torch.equal(ours.mlm_logits(h)[:, 5], logits[:, 5])
+        assert torch.equal(ours.mlm_logits(h)[:, 6], logits[:, 6])
 
 
 def test_pytorch_model_bin_is_loaded_with_weights_only(tmp_path, hf_folder):
