@@ -61,8 +61,8 @@ from torch import nn
 
 from kexue._checks import check_choice, check_positive, check_tensor
 from kexue._io import atomic_write
-from kexue.attention import BASE, MIN_N, PreparedMask, RankMask, attention, prepare_mask
-from kexue.nn.transformer import KVCache, SoftmaxAttention, TransformerCache
+from kexue.attention import BASE, MIN_N, PreparedMask, RankMask, attention
+from kexue.nn.transformer import KVCache, SoftmaxAttention, TransformerCache, prepare_model_mask
 
 MASKS = ("unilm", "causal")
 ACTIVATIONS = {
@@ -157,6 +157,7 @@ class BertSelfAttention(SoftmaxAttention):
     incremental decoding) plus BERT's dropout on the attention probabilities while training.
 
     Example:
+        >>> from kexue.attention import prepare_mask
         >>> a = BertSelfAttention(dropout_p=0.1).eval()
         >>> q = torch.randn(1, 2, 5, 8)
         >>> a(q, q, q, mask=prepare_mask(q_len=5)).shape
@@ -202,6 +203,7 @@ class BertLayer(nn.Module):
     attention is called through the block protocol ``attn(q, k, v, *, mask, cache)``.
 
     Example:
+        >>> from kexue.attention import prepare_mask
         >>> cfg = BertConfig(vocab_size=10, hidden_size=16, num_attention_heads=2, intermediate_size=32)
         >>> layer = BertLayer(cfg, BertSelfAttention())
         >>> layer(torch.randn(2, 3, 16), mask=prepare_mask(q_len=3)).shape
@@ -423,24 +425,10 @@ class BertEncoder(nn.Module):
 
     def _prepare(self, b: int, n: int, past: int, device: torch.device, attention_mask: torch.Tensor | None,
                  mask: object, is_causal: bool) -> PreparedMask:
-        k_len = past + n
-        if isinstance(mask, torch.Tensor):
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor (True = may attend) or a RankMask, got {mask.dtype}")
-            if mask.dim() == 3:
-                if mask.shape[0] not in (1, b) or tuple(mask.shape[1:]) != (n, k_len):
-                    raise ValueError(f"mask with 3 dimensions must be [B, L, K] with B={b}, L={n}, K={k_len}, got "
-                                     f"{tuple(mask.shape)}")
-                mask = mask[:, None]
-        elif mask is not None and not isinstance(mask, RankMask):
+        if mask is not None and not isinstance(mask, (torch.Tensor, RankMask)):
             raise TypeError(f"mask must be a bool tensor, a RankMask or None, got {type(mask).__name__}")
-        if attention_mask is not None:
-            check_tensor("attention_mask", attention_mask, floating=False, dim=2)
-            if tuple(attention_mask.shape) != (b, k_len):
-                raise ValueError(f"attention_mask must be [B, K]=[{b}, {k_len}] (cached and new tokens), got "
-                                 f"{tuple(attention_mask.shape)}")
-        return prepare_mask(mask, q_len=n, k_len=k_len, batch=b, heads=self.heads, attention_mask=attention_mask,
-                            is_causal=is_causal, causal_offset=past, device=device)
+        return prepare_model_mask(b, n, device, heads=self.heads, attention_mask=attention_mask, mask=mask,
+                                  is_causal=is_causal, past=past)
 
     def forward(self, input_ids: torch.Tensor, *, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -318,6 +318,36 @@ class TransformerOutput:
 torch.export.register_dataclass(TransformerOutput, serialized_type_name="kexue.nn.TransformerOutput")
 
 
+def prepare_model_mask(batch: int, q_len: int, device: torch.device, *, heads: int,
+                       attention_mask: torch.Tensor | None = None, mask: object = None, is_causal: bool = False,
+                       past: int = 0) -> PreparedMask:
+    """The mask a model's blocks share for ``q_len`` new tokens after ``past`` cached ones: ``mask`` (a bool
+    tensor -- 3-D read as ``[B, L, K]`` -- or anything :func:`~kexue.attention.prepare_mask` takes), the padding
+    of ``attention_mask`` (``[B, past + q_len]``, 1 = token) and the causal flag, right-aligned after ``past``.
+
+    Example:
+        >>> pm = prepare_model_mask(1, 2, torch.device("cpu"), heads=2, is_causal=True, past=3)
+        >>> pm.counts()[0, 0, :, 0].tolist()
+        [4, 5]
+    """
+    k_len = past + q_len
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend) or a RankMask, got {mask.dtype}")
+        if mask.dim() == 3:
+            if mask.shape[0] not in (1, batch) or tuple(mask.shape[1:]) != (q_len, k_len):
+                raise ValueError(f"mask with 3 dimensions must be [B, L, K] (one mask per batch item) or "
+                                 f"[1, L, K] with B={batch}, L={q_len}, K={k_len}, got {tuple(mask.shape)}")
+            mask = mask[:, None]
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, dim=2)
+        if tuple(attention_mask.shape) != (batch, k_len):
+            raise ValueError(f"attention_mask must be [B, K]=[{batch}, {k_len}] (cached and new tokens), got "
+                             f"{tuple(attention_mask.shape)}")
+    return prepare_mask(mask, q_len=q_len, k_len=k_len, batch=batch, heads=heads, attention_mask=attention_mask,
+                        is_causal=is_causal, causal_offset=past, device=device)
+
+
 class Transformer(nn.Module):
     """Transformer encoder with RoPE, pre-/post-LN, pluggable attention and an MLM head tied to the token
     embeddings. No absolute positions, so it runs at any sequence length.
@@ -443,24 +473,9 @@ class Transformer(nn.Module):
 
     def prepare_mask(self, batch: int, q_len: int, device: torch.device, *, attention_mask: torch.Tensor | None = None,
                      mask: object = None, is_causal: bool = False, past: int = 0) -> PreparedMask:
-        """The :class:`~kexue.attention.PreparedMask` every block gets: ``mask`` (a 3-D mask read as ``[B, L, K]``),
-        the padding of ``attention_mask`` and the causal flag (right-aligned after ``past`` cached tokens)."""
-        k_len = past + q_len
-        if isinstance(mask, torch.Tensor):
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor (True = may attend) or a RankMask, got {mask.dtype}")
-            if mask.dim() == 3:
-                if mask.shape[0] not in (1, batch) or tuple(mask.shape[1:]) != (q_len, k_len):
-                    raise ValueError(f"mask with 3 dimensions must be [B, L, K] (one mask per batch item) or "
-                                     f"[1, L, K] with B={batch}, L={q_len}, K={k_len}, got {tuple(mask.shape)}")
-                mask = mask[:, None]
-        if attention_mask is not None:
-            check_tensor("attention_mask", attention_mask, dim=2)
-            if tuple(attention_mask.shape) != (batch, k_len):
-                raise ValueError(f"attention_mask must be [B, K]=[{batch}, {k_len}] (cached and new tokens), got "
-                                 f"{tuple(attention_mask.shape)}")
-        return prepare_mask(mask, q_len=q_len, k_len=k_len, batch=batch, heads=self.heads,
-                            attention_mask=attention_mask, is_causal=is_causal, causal_offset=past, device=device)
+        """The :class:`~kexue.attention.PreparedMask` every block gets (see :func:`prepare_model_mask`)."""
+        return prepare_model_mask(batch, q_len, device, heads=self.heads, attention_mask=attention_mask, mask=mask,
+                                  is_causal=is_causal, past=past)
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, mask: object = None, is_causal: bool = False,
@@ -519,4 +534,4 @@ class Transformer(nn.Module):
 
 __all__ = ["ATTENTION_BACKENDS", "ATTENTION_NAMES", "ATTENTION_SCALES", "AttentionModule", "KVCache",
            "SoftmaxAttention", "Transformer", "TransformerBlock", "TransformerCache", "TransformerOutput", "apply_rope",
-           "named_attention_factory"]
+           "named_attention_factory", "prepare_model_mask"]

@@ -39,7 +39,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from .._checks import check_choice, check_tensor
 from . import distributed as dist
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from .loop import _plain, _resolve_device, derive_seed
+from .loop import Records, _plain, _resolve_device, derive_seed
 
 __all__ = ["GANConfig", "GANHistory", "GANTrainer", "gan_images", "generate", "d_loss", "g_loss", "image_grid",
            "refresh_batchnorm_stats", "save_image_grid", "train_gan"]
@@ -162,7 +162,7 @@ class GANConfig:
 
 
 @dataclass
-class GANHistory:
+class GANHistory(Records):
     """What :func:`train_gan` returns: ``records`` (one dict per ``log_every`` steps, evaluation step or the end:
     ``step`` -- G updates done --, ``d_loss``, ``g_loss`` -- means since the previous record --, ``time`` --
     training seconds so far, evaluation excluded --, plus ``metrics_fn``'s numbers on evaluation steps), the
@@ -181,24 +181,6 @@ class GANHistory:
     G_ema: nn.Module | None
     resumed_from: int | None = field(default=None)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.records)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.records[i]
-
-    def column(self, key: str) -> list[Any]:
-        """The values of ``key`` across records (``None`` where a record lacks it)."""
-        return [r.get(key) for r in self.records]
-
-    @property
-    def last(self) -> dict[str, Any]:
-        if not self.records:
-            raise IndexError("history is empty")
-        return self.records[-1]
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -196,8 +196,35 @@ def _plain_info(value: Any, where: str) -> Any:
                     f"got {type(value).__name__}")
 
 
+class Records:
+    """Sequence access to a history's ``records`` (one dict each): ``len``, iteration, indexing, :meth:`column`
+    and :attr:`last`; the base of :class:`TrainHistory` and ``kexue.train.gan.GANHistory``."""
+
+    records: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.records[i]
+
+    def column(self, key: str) -> list[Any]:
+        """The values of ``key`` across records (``None`` where a record lacks it)."""
+        return [r.get(key) for r in self.records]
+
+    @property
+    def last(self) -> dict[str, Any]:
+        """The final record."""
+        if not self.records:
+            raise IndexError("history is empty")
+        return self.records[-1]
+
+
 @dataclass
-class TrainHistory:
+class TrainHistory(Records):
     """What :func:`fit` returns: one dict per epoch in ``records`` (keys ``epoch`` — the 0-based epoch
     index, the same number ``batch_transform`` and ``metrics_fn`` receive — ``train_loss``, ``lr`` (at the
     epoch's first step), ``time`` (seconds), with ``eval_data`` also ``test_loss``, ``test_acc``,
@@ -214,25 +241,6 @@ class TrainHistory:
     loss_fn: Any = None
     resumed_from: int | None = field(default=None)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.records)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.records[i]
-
-    def column(self, key: str) -> list[Any]:
-        """The values of ``key`` across epochs (``None`` where an epoch lacks it)."""
-        return [r.get(key) for r in self.records]
-
-    @property
-    def last(self) -> dict[str, Any]:
-        """The final epoch's record."""
-        if not self.records:
-            raise IndexError("history is empty")
-        return self.records[-1]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
