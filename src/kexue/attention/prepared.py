@@ -139,18 +139,9 @@ class PreparedMask:
         """The whole mask as bool, broadcastable to ``[B, H, Q, K]`` (True = may attend), or None."""
         if "allowed" in self._memo:
             return self._memo["allowed"]
-        parts = []
-        if self.other is not None:
-            parts.append(allowed_of(self.other))
-        if self.rank is not None:
-            parts.append(self.rank.to_dense(self.q_len, self.device))
-        if self.key_padding is not None:
-            parts.append(self.key_padding[:, None, None, :])
-        if self.is_causal:
-            parts.append(self._causal_tri())
-        out = None
-        for p in parts:
-            out = p if out is None else out & p
+        rest = self._rest_allowed()
+        out = rest if self.other is None else allowed_of(self.other) if rest is None else \
+            allowed_of(self.other) & rest
         self._memo["allowed"] = out
         return out
 
