@@ -403,8 +403,9 @@ def _gap_figure(ctx: StudyContext, runs: list[dict[str, Any]]) -> None:
 
 @register_study("mixup", article=1, title="From SamplePairing to mixup: a regularizer in disguise",
                 quick_budget_s=140,
-                full_time="about 3 hours on 2 CPU cores (24 runs: 2 settings x 4 methods x 3 seeds; Fashion-MNIST "
-                          "80 epochs, CIFAR-10 40 epochs, until ERM over-fits; longer when the cores are shared)",
+                full_time="about 2.5 hours on 2 idle CPU cores (24 runs of one thread each: 2 settings x 4 methods x "
+                          "3 seeds; Fashion-MNIST 80 epochs, about 5 min a run, CIFAR-10 40 epochs, about 8 min a run; "
+                          "until ERM over-fits; longer when the cores are shared)",
                 datasets=("fashion-mnist", "cifar10"))
 def run(ctx: StudyContext) -> Result:
     """Quick mode: the under-fitted smoke test (``QUICK``); full mode: the over-fitting regime (``FULL``)."""
