@@ -29,6 +29,31 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+# Skips that mean "a package the test extra installs is missing" (pytest.importorskip, and the kernels' own
+# check for triton): under CI=true they fail instead, so CI cannot pass by skipping a broken install.
+_MISSING_PACKAGE = ("could not import", "is not installed")
+
+
+def _fail_missing_package_in_ci(report) -> None:
+    if report.skipped and _in_ci():
+        text = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if any(s in text for s in _MISSING_PACKAGE):
+            report.outcome = "failed"
+            report.longrepr = f"under CI a missing package fails the test: {text}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_missing_package_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_missing_package_in_ci(outcome.get_result())
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     root = os.environ.get("KEXUE_DATA_DIR")

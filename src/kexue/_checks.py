@@ -42,6 +42,24 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_betas(value: Any) -> tuple[float, float]:
+    """Adam's ``betas``: two numbers (not bools) in [0, 1), returned as floats."""
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in value)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def check_device(value: Any) -> None:
+    """A device given as a string or ``torch.device`` that torch can parse."""
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"device must be a string like 'cpu' or 'cuda', got {type(value).__name__}")
+    try:
+        torch.device(value)
+    except RuntimeError as e:
+        raise ValueError(f"device must be a torch device string, got {value!r}") from e
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype to compute in where precision matters: floating types narrower than 32 bits (fp16, bf16, the
     fp8 types) are promoted to fp32; fp32, fp64 and non-floating dtypes are kept.

@@ -96,6 +96,17 @@ def _check_labels(y: Any, n: int, num_classes: int, name: str = "y") -> torch.Te
     return y
 
 
+def _check_condition(y: Any, n: int, num_classes: int | None, who: str) -> None:
+    """Labels ``y`` for a conditional model (``num_classes`` set), None for an unconditional one."""
+    if num_classes is None:
+        if y is not None:
+            raise ValueError(f"y given, but this {who} is unconditional (num_classes=None)")
+    elif y is None:
+        raise ValueError(f"y (labels in [0, {num_classes})) is required: num_classes={num_classes}")
+    else:
+        _check_labels(y, n, num_classes)
+
+
 def _check_x(x: Any, channels: int, name: str = "x") -> torch.Tensor:
     check_tensor(name, x, floating=True, dim=4)
     if x.shape[1] != channels:
@@ -209,14 +220,8 @@ class SelfModulatedBatchNorm2d(_ModulatedNorm):
         check_tensor("z", z, floating=True, dim=2)
         if z.shape[1] != self.z_dim:
             raise ValueError(f"z must have shape [N, z_dim={self.z_dim}], got {tuple(z.shape)}")
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("y given, but this SelfModulatedBatchNorm2d has num_classes=None")
-            return z
-        if y is None:
-            raise ValueError(f"y (labels in [0, {self.num_classes})) is required: num_classes={self.num_classes}")
-        _check_labels(y, z.shape[0], self.num_classes)
-        return z + self.embed(y) + self.embed_scale(y) * z
+        _check_condition(y, z.shape[0], self.num_classes, "SelfModulatedBatchNorm2d")
+        return z if y is None else z + self.embed(y) + self.embed_scale(y) * z
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         _check_x(x, self.num_features)
@@ -354,13 +359,7 @@ class _Generator(nn.Module):
         check_tensor("z", z, floating=True, dim=2)
         if z.shape[1] != self.z_dim:
             raise ValueError(f"z must have shape [N, z_dim={self.z_dim}], got {tuple(z.shape)}")
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("y given, but this generator is unconditional (num_classes=None)")
-        else:
-            if y is None:
-                raise ValueError(f"y (labels in [0, {self.num_classes})) is required: num_classes={self.num_classes}")
-            _check_labels(y, z.shape[0], self.num_classes)
+        _check_condition(y, z.shape[0], self.num_classes, "generator")
 
     def _finish(self, init: str, generator: torch.Generator | None) -> None:
         init_gan_weights(self, init, generator=generator)
@@ -588,13 +587,7 @@ class _Discriminator(nn.Module):
         _check_x(x, self.channels)
         if x.shape[2:] != (self.image_size, self.image_size):
             raise ValueError(f"x must be {self.image_size} x {self.image_size} images, got {tuple(x.shape)}")
-        if self.num_classes is None:
-            if y is not None:
-                raise ValueError("y given, but this discriminator is unconditional (num_classes=None)")
-        else:
-            if y is None:
-                raise ValueError(f"y (labels in [0, {self.num_classes})) is required: num_classes={self.num_classes}")
-            _check_labels(y, x.shape[0], self.num_classes)
+        _check_condition(y, x.shape[0], self.num_classes, "discriminator")
 
     def _head(self, h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         out = self.linear(h).squeeze(1)

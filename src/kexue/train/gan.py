@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._checks import check_choice, check_tensor
+from .._checks import check_betas, check_choice, check_device, check_tensor
 from . import distributed as dist
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .loop import Records, _plain, _resolve_device, derive_seed
@@ -132,17 +132,8 @@ class GANConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         check_choice("loss", self.loss, _LOSSES)
-        b = self.betas
-        if (not isinstance(b, (tuple, list)) or len(b) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in b)):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {b!r}")
-        self.betas = (float(b[0]), float(b[1]))
-        if not isinstance(self.device, (str, torch.device)):
-            raise TypeError(f"device must be a string like 'cpu' or 'cuda', got {type(self.device).__name__}")
-        try:
-            torch.device(self.device)
-        except RuntimeError as e:
-            raise ValueError(f"device must be a torch device string, got {self.device!r}") from e
+        self.betas = check_betas(self.betas)
+        check_device(self.device)
         for name in ("checkpoint_dir", "sample_dir"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, (str, os.PathLike)):

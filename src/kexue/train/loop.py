@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kexue._checks import check_choice
+from kexue._checks import check_betas, check_choice, check_device
 from kexue.train import distributed as D
 from kexue.train.checkpoint import (
     CheckpointError,
@@ -144,20 +144,11 @@ class TrainConfig:
             raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0")
-        b = self.betas
-        if (not isinstance(b, (tuple, list)) or len(b) != 2
-                or not all(isinstance(v, (int, float)) and 0 <= v < 1 for v in b)):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {b!r}")
-        self.betas = (float(b[0]), float(b[1]))
+        self.betas = check_betas(self.betas)
         if self.grad_clip is not None and (isinstance(self.grad_clip, bool)
                                            or not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0):
             raise ValueError(f"grad_clip must be None or > 0, got {self.grad_clip!r}")
-        if not isinstance(self.device, (str, torch.device)):
-            raise TypeError(f"device must be a string like 'cpu' or 'cuda', got {type(self.device).__name__}")
-        try:
-            torch.device(self.device)
-        except RuntimeError as e:
-            raise ValueError(f"device must be a torch device string, got {self.device!r}") from e
+        check_device(self.device)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, Path)):
             raise TypeError(f"checkpoint_dir must be a path or None, got {type(self.checkpoint_dir).__name__}")
         if self.resume and self.checkpoint_dir is None:
