@@ -273,10 +273,13 @@ def test_a_hugging_face_mask_s_finfo_min_entries_are_hidden_keys(dtype):
 @pytest.mark.parametrize("q_len,k_len,min_n,base", [(1, 1, 16, 512), (40, 40, 16, 512), (40, 9, 4, 512),
                                                     (9, 40, 1, 10), (700, 700, 16, 512), (5, 5, 100, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_causal_rows_equal_the_counted_form_bit_for_bit(q_len, k_len, min_n, base, dtype):
-    from kexue.attention.scaling import logn_of_causal_rows, logn_of_counts
+def test_the_in_place_multiplier_equals_the_plain_formula_bit_for_bit(q_len, k_len, min_n, base, dtype):
+    from kexue.attention.scaling import logn_of_counts
 
     counts = keys_per_row(None, q_len, k_len, is_causal=True).view(1, 1, q_len, 1)
-    want = logn_of_counts(counts, base=base, min_n=min_n).to(dtype)
-    got = logn_of_causal_rows(q_len, k_len, base=base, min_n=min_n, dtype=dtype, device=torch.device("cpu"))
+    want = (torch.log(counts.double().clamp_min(float(min_n))) / math.log(base)).to(dtype)
+    got = logn_of_counts(counts, base=base, min_n=min_n).to(dtype)
     assert got.dtype == dtype and torch.equal(got, want)
+    as_float = counts.double()                                   # a float64 input is copied, never changed
+    logn_of_counts(as_float, base=base, min_n=min_n)
+    assert torch.equal(as_float, counts.double())

@@ -35,7 +35,7 @@ from .masks import MaskMod, check_is_causal, render_mask
 from .prepared import PreparedMask, as_prepared, check_dropout, check_qkv, is_block_mask
 from .ranks import RankMask
 from .reference import attention_reference
-from .scaling import BASE, MIN_N, ScaleArg, check_scale, logn_of_causal_rows, needs_counts, resolve_scale
+from .scaling import BASE, MIN_N, ScaleArg, check_scale, needs_counts, resolve_scale
 
 __all__ = ["attention"]
 
@@ -97,9 +97,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | MaskMod | RankMask
     if want and isinstance(scale, str) and pm.is_empty:     # every row sees all K keys: one number
         mult, s = None, math.log(max(Lk, min_n)) / math.log(base) / math.sqrt(D)
         attn_mask, causal, empty = None, False, None
-    elif isinstance(scale, str) and scale == "entropy" and pm.sdpa_causal:  # n_i = min(i + 1, K), no counts
-        mult = logn_of_causal_rows(Lq, Lk, base=base, min_n=min_n, dtype=q.dtype, device=q.device)
-        s, attn_mask, causal, empty = 1.0 / math.sqrt(D), None, True, None
     else:
         attn_mask, causal, counts, empty = pm.for_sdpa(q.dtype, want_counts=want)
         mult, s = resolve_scale(scale, head_dim=D, like=q, counts=counts, min_n=min_n, base=base)

@@ -93,16 +93,7 @@ def _check_n(n: float | int | Tensor) -> None:
 def logn_of_counts(counts: Tensor, *, base: float, min_n: float) -> Tensor:
     """``log(max(n, min_n)) / log(base)`` in float64 for key counts already known to be valid: no data-dependent
     check, so it also traces under torch.compile."""
-    return torch.log(counts.double().clamp_min(float(min_n))) / math.log(base)
-
-
-def logn_of_causal_rows(q_len: int, k_len: int, *, base: float, min_n: float, dtype: torch.dtype,
-                        device: torch.device) -> Tensor:
-    """:func:`logn_of_counts` of the rows of SDPA's top-left causal mask (``n_i = min(i + 1, k_len)``) as
-    ``[1, 1, q_len, 1]`` in ``dtype``, worked out in place without forming the counts (the same float64 steps,
-    so the same values bit for bit)."""
-    n = torch.arange(1, q_len + 1, dtype=torch.float64, device=device)
-    return n.clamp_max_(k_len).clamp_min_(float(min_n)).log_().div_(math.log(base)).to(dtype).view(1, 1, q_len, 1)
+    return counts.to(torch.float64, copy=True).clamp_min_(float(min_n)).log_().div_(math.log(base))
 
 
 def logn_factor(n: float | Tensor, *, base: float = BASE, min_n: float = MIN_N) -> float | Tensor:
