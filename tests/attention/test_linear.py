@@ -86,6 +86,42 @@ def test_every_chunk_size_from_1_to_beyond_L(name, block_chunks, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["elu1", "exp", "exp-m", "favor", "favor_hyp"])
+def test_blockwise_features_values_gradients_and_state(name, monkeypatch):
+    """The causal form computes each block's features on its own, carrying the state and the key shift: with
+    blocks of a few positions (and keys growing along the sequence, so the shift keeps rising) values, gradients
+    and the returned state equal the reference and the one-block pass."""
+    import kexue.attention.linear as la
+
+    fm = _maps()[name]
+    q, k, v = _qkv(2, 2, 37, scale=1.5, grad=True)
+    ramp = torch.linspace(0.2, 3.0, 37, dtype=torch.float64)[:, None]
+    am = _padding(2, 37)
+    w = torch.randn(2, 2, 37, D, dtype=torch.float64)
+    params = [p for p in (fm.parameters() if isinstance(fm, FeatureMap) else []) if p.requires_grad]
+
+    def run(rows, chunks):
+        monkeypatch.setattr(la, "_BLOCK_ROWS", rows)
+        monkeypatch.setattr(la, "_BLOCK_CHUNKS", chunks)
+        out, st = linear_attention(q, k * ramp, v, feature_map=fm, causal=True, attention_mask=am, chunk_size=4,
+                                   return_state=True)
+        return out, st, torch.autograd.grad((out * w).sum(), (q, k, v, *params))
+
+    one = run(4096, 64)
+    for rows, chunks in ((4, 64), (8, 2), (12, 1)):
+        out, st, grads = run(rows, chunks)
+        assert float((out - one[0]).detach().abs().max()) < 1e-12
+        sums = one[1].sums.detach()
+        assert float((st.sums.detach() - sums).abs().max()) < 1e-10 * max(1.0, float(sums.abs().max()))
+        assert (st.shift is None) == (one[1].shift is None)
+        if st.shift is not None:
+            assert float((st.shift - one[1].shift).abs().max()) < 1e-12     # the matmuls may round per block
+        for a, b in zip(grads, one[2]):
+            assert float((a - b).abs().max()) < 1e-10
+    ref = linear_attention_reference(q, k * ramp, v, feature_map=fm, causal=True, attention_mask=am)
+    assert float((one[0] - ref).detach().abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["elu1", "exp", "exp-m", "favor", "favor_hyp"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_gradients_equal_the_reference_fp64(name, causal):
     fm = _maps()[name]
@@ -244,20 +280,17 @@ def test_positive_per_row_scaling_of_phi_q_changes_nothing():
     """The article's scale invariance: phi(q_i) -> lambda_i phi(q_i), lambda_i > 0, leaves the output unchanged."""
 
     class Scaled(FeatureMap):
-        def __init__(self, lam: torch.Tensor) -> None:
-            super().__init__()
-            self.lam = lam
+        """elu+1, the query rows times a positive factor from e^-15 to e^15 that depends on the row alone."""
 
         def features(self, x, *, is_query=False):
             f = torch.nn.functional.elu(x) + 1
-            return f * self.lam if is_query else f
+            return f * torch.exp(15 * torch.sin(37 * x.sum(-1, keepdim=True))) if is_query else f
 
     q, k, v = _qkv(2, 2, 33)
-    lam = torch.exp(torch.randn(2, 2, 33, 1, dtype=torch.float64) * 5)      # factors from e^-15 to e^15
     for causal in (True, False):
         a = linear_attention(q, k, v, feature_map="elu1", causal=causal, chunk_size=8)
-        b = linear_attention(q, k, v, feature_map=Scaled(lam), causal=causal, chunk_size=8)
-        r = linear_attention_reference(q, k, v, feature_map=Scaled(lam), causal=causal)
+        b = linear_attention(q, k, v, feature_map=Scaled(), causal=causal, chunk_size=8)
+        r = linear_attention_reference(q, k, v, feature_map=Scaled(), causal=causal)
         assert float((a - b).abs().max()) < 1e-12 and float((a - r).abs().max()) < 1e-12
 
 
@@ -369,6 +402,44 @@ def test_transformer_with_linear_attention_decodes_with_its_cache(feature_map, m
     assert bool((ent[0] <= math.log(13) + 1e-9).all())
     loss = model(ids, is_causal=True).logits.sum()
     loss.backward()                                          # trains
+
+
+def test_exp_map_projection_is_merged_into_the_q_k_layers():
+    """Article 5: e^x on q/k that the model's own q/k layers project to m dims -- the blocks' qkv layer outputs
+    H * m dims for q and for k (values keep dim / heads), the attention holds no projection of its own, and the
+    q/k it receives are m wide."""
+    model = Transformer(40, dim=16, depth=1, heads=2, attention="linear", feature_map="exp", num_features=24)
+    blk = model.blocks[0]
+    assert blk.qk_dim == 24 and blk.qkv.out_features == 2 * 2 * 24 + 16
+    assert sum(p.numel() for p in blk.attn.parameters()) == 0
+    seen = []
+    blk.attn.register_forward_pre_hook(lambda mod, args: seen.append((args[0].shape, args[2].shape)))
+    out = model(torch.randint(0, 40, (3, 7)), is_causal=True).logits
+    assert seen == [((3, 2, 7, 24), (3, 2, 7, 8))] and out.shape == (3, 7, 40)
+    # the same merged form by hand: the exp map on 24-wide q/k from a factory
+    by_hand = Transformer(40, dim=16, depth=1, heads=2, attention_factory=lambda i: LinearAttention("exp"), qk_dim=24)
+    assert by_hand.blocks[0].qkv.weight.shape == blk.qkv.weight.shape
+    with pytest.raises(ValueError, match="contradicts"):
+        Transformer(10, dim=16, depth=1, heads=2, attention="linear", num_features=8, qk_dim=16)
+    with pytest.raises(ValueError, match="num_features"):
+        Transformer(10, dim=16, depth=1, heads=2, attention="linear", num_features=7)
+    with pytest.raises(ValueError, match="qk_dim"):
+        Transformer(10, dim=16, depth=1, heads=2, qk_dim=5)
+
+
+def test_softmax_blocks_with_wider_q_k():
+    """qk_dim is a block option of its own: softmax attention with 12-wide q/k and 4-wide values per head."""
+    from kexue.nn import TransformerBlock
+
+    torch.manual_seed(0)
+    model = Transformer(30, dim=8, depth=2, heads=2, qk_dim=12).eval()
+    assert all(isinstance(b, TransformerBlock) and b.qkv.out_features == 2 * 2 * 12 + 8 for b in model.blocks)
+    ids = torch.randint(0, 30, (2, 9))
+    full = model(ids, is_causal=True).logits
+    cache = model.new_cache()
+    steps = [model(ids[:, :5], is_causal=True, cache=cache).logits]
+    steps += [model(ids[:, t:t + 1], is_causal=True, cache=cache).logits for t in range(5, 9)]
+    assert float((torch.cat(steps, 1) - full).detach().abs().max()) < 1e-5
 
 
 def test_linear_attention_layer_reads_the_prepared_mask():

@@ -77,6 +77,9 @@ _FLOOR = -1e30
 # Chunks per pass of the causal form: their states are materialised together (one batched matmul, one cumulative
 # sum); longer sequences take several passes with the state carried over.
 _BLOCK_CHUNKS = 64
+# Positions per pass when the chunk allows it: small enough that a pass's feature tensors (``B H rows m``) come
+# from memory the allocator reuses and stay near the cache, large enough that the per-pass overhead is small.
+_BLOCK_ROWS = 512
 
 
 def _check_int(name: str, value: object, minimum: int = 1) -> int:
@@ -193,10 +196,14 @@ class ExpFeatureMap(FeatureMap):
     invariance) -- what remains is ``e^x`` on q/k projected to ``m`` dimensions, a learnable version with at least
     Performer's capacity.
 
-    ``num_features=None``: ``e^x`` on the ``d`` given dims (``m = d``). ``num_features=m`` (needs ``head_dim``):
-    learnable projections ``W_q, W_k`` (``m x d``, no bias; the enlarged q/k layers of the article), both
-    initialised to Performer's ``w * d^{-1/4}`` (orthogonal random features drawn from ``generator``), so at
-    initialisation ``phi(q) . phi(k)`` is FAVOR+ without the key norm factor.
+    ``num_features=None``: ``e^x`` on the given dims (``m`` = the width of q/k). This is the article's form when
+    the model's own q/k layers already output ``m`` dims per head: ``Transformer(attention="linear",
+    feature_map="exp", num_features=m)`` builds its blocks that way (``qk_dim=m``).
+
+    ``num_features=m`` (needs ``head_dim``), for q/k that come in ``d`` wide: learnable projections ``W_q, W_k``
+    (``m x d``, no bias) applied after them, both initialised to Performer's ``w * d^{-1/4}`` (orthogonal random
+    features drawn from ``generator``), so at initialisation ``phi(q) . phi(k)`` is FAVOR+ without the key norm
+    factor. Stacked on a ``d``-wide q/k layer this is the merged projection restricted to rank ``d``.
 
     Example:
         >>> fm = ExpFeatureMap(head_dim=4, num_features=8, generator=torch.Generator().manual_seed(0))
@@ -667,40 +674,56 @@ def _causal_chunks(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, s0: Ten
     return o.view(G, L, e), final
 
 
-def _causal(fq: Tensor, fk: Tensor, va: Tensor, c: Tensor | None, st: LinearAttentionState | None,
-            chunk: int, want_state: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(o, sums, shift)`` for causal attention over all L positions: blocks of at most ``_BLOCK_CHUNKS`` full
-    chunks (so the chunk states in memory stay ``O(B H _BLOCK_CHUNKS m d)`` whatever L), then the rest as one
-    chunk; the state is carried from block to block."""
-    B, H, L, m = fq.shape
-    e = va.shape[-1]
+def _causal(fm: FeatureMap, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
+            st: LinearAttentionState | None, chunk: int, want_state: bool = True
+            ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(o, sums, shift)`` for causal attention over all L positions, ``q, k, v`` in the compute dtype.
+
+    The sequence goes in blocks of whole chunks (at most ``_BLOCK_CHUNKS`` chunks and, where the chunk allows,
+    about ``_BLOCK_ROWS`` positions), then the rest as one chunk; the state and the key shift are carried from
+    block to block, exactly as between two calls with ``initial_state``. Each block computes its own features:
+    the block's tensors stay small (no fresh multi-megabyte allocation per call, which on a CPU costs as much as
+    the arithmetic) and the chunk states in memory stay ``O(B H _BLOCK_CHUNKS m d)`` whatever L."""
+    B, H, L, D = q.shape
     G = B * H
-    fq, fk, va = fq.reshape(G, L, m), fk.reshape(G, L, m), va.reshape(G, L, e)
-    cg = None if c is None else c.reshape(G, L)
-    s = None if st is None else st.sums.reshape(G, m, e).to(fq.dtype)
-    c0 = None
-    if c is not None:
-        c0 = (st.shift.reshape(G).to(fq.dtype) if st is not None else fq.new_full((G,), _FLOOR))
+    s = None if st is None else st.sums.reshape(G, -1, st.sums.shape[-1]).to(q.dtype)
+    shift0 = None if st is None else st.shift             # [B, H]: the key shift of everything seen so far
     chunk = min(chunk, max(L, 1))
     main = (L // chunk) * chunk
-    block = chunk * _BLOCK_CHUNKS
+    block = chunk * max(1, min(_BLOCK_CHUNKS, _BLOCK_ROWS // chunk))
     pieces = [(lo, min(lo + block, main), chunk) for lo in range(0, main, block)]
     if L > main:
         pieces.append((main, L, L - main))
-    outs = []
-    for i, (lo, hi, size) in enumerate(pieces):
-        sub_c = None if cg is None else cg[:, lo:hi]
-        o, s = _causal_chunks(fq[:, lo:hi], fk[:, lo:hi], va[:, lo:hi], sub_c, s, c0, size,
-                              want_final=want_state or i < len(pieces) - 1)
+    outs, m, e = [], None, v.shape[-1] + 1
+    for i, (lo, hi, size) in enumerate(pieces or [(0, 0, 1)]):
+        vb = None if valid is None else valid[:, lo:hi]
+        fq, fk, c, kscale = _features(fm, q[:, :, lo:hi], k[:, :, lo:hi], vb, causal=True, shift0=shift0)
+        if m is None:
+            m = fq.shape[-1]
+            if fk.shape[-1] != m or (st is not None and st.sums.shape[-2] != m):
+                raise ValueError(f"the feature map gives {m} query features and {fk.shape[-1]} key features"
+                                 + ("" if st is None else f"; initial_state has {st.sums.shape[-2]}"))
+        if not pieces:
+            break
+        va = _augment(v[:, :, lo:hi], vb, kscale)
+        cg = None if c is None else c.reshape(G, hi - lo)
+        c0 = None
         if cg is not None:
-            c0 = sub_c[:, -1]
+            c0 = shift0.reshape(G).to(q.dtype) if shift0 is not None else q.new_full((G,), _FLOOR)
+        o, s = _causal_chunks(fq.reshape(G, hi - lo, m), fk.reshape(G, hi - lo, m), va.reshape(G, hi - lo, e), cg,
+                              s, c0, size, want_final=want_state or i < len(pieces) - 1)
+        if cg is not None:
+            shift0 = cg[:, -1].reshape(B, H)
         outs.append(o)
     if s is None:                                   # L = 0 (nothing seen, state unchanged) or no state wanted
         if not want_state:
-            return (torch.cat(outs, dim=1) if outs else fq.new_zeros(G, 0, e)).view(B, H, L, e), None, None
-        s = fq.new_zeros(G, m, e)
-    o = outs[0] if len(outs) == 1 else (torch.cat(outs, dim=1) if outs else fq.new_zeros(G, 0, e))
-    shift = None if c0 is None else c0.reshape(B, H)
+            return (torch.cat(outs, dim=1) if outs else q.new_zeros(G, 0, e)).view(B, H, L, e), None, None
+        s = q.new_zeros(G, m, e)
+    o = outs[0] if len(outs) == 1 else (torch.cat(outs, dim=1) if outs else q.new_zeros(G, 0, e))
+    shift = None
+    if fm.exponential:
+        shift = shift0 if shift0 is not None else q.new_full((B, H), _FLOOR)
+        shift = shift.to(q.dtype)
     return o.view(B, H, L, e), s.view(B, H, m, e), shift
 
 
@@ -751,15 +774,14 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: str | Feat
     valid = _key_valid(attention_mask, B, Lk, q.device)
     cd = compute_dtype(q.dtype)
     qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
-    fq, fk, c, kscale = _features(fm, qc, kc, valid, causal=causal, shift0=None if st is None else st.shift)
-    if fq.shape[-1] != fk.shape[-1] or (st is not None and fq.shape[-1] != m):
-        raise ValueError(f"the feature map gives {fq.shape[-1]} query features and {fk.shape[-1]} key features"
-                         + ("" if st is None else f"; initial_state has {m}"))
-    va = _augment(vc, valid, kscale)
     if causal:
-        o, sums, shift = _causal(fq, fk, va, c, st, chunk_size, want_state=return_state)
+        o, sums, shift = _causal(fm, qc, kc, vc, valid, st, chunk_size, want_state=return_state)
     else:
-        o, sums, shift = _noncausal(fq, fk, va, c, st)
+        fq, fk, c, kscale = _features(fm, qc, kc, valid, causal=False, shift0=None if st is None else st.shift)
+        if fq.shape[-1] != fk.shape[-1] or (st is not None and fq.shape[-1] != m):
+            raise ValueError(f"the feature map gives {fq.shape[-1]} query features and {fk.shape[-1]} key features"
+                             + ("" if st is None else f"; initial_state has {m}"))
+        o, sums, shift = _noncausal(fq, fk, _augment(vc, valid, kscale), c, st)
     out = _normalise(o).to(q.dtype)
     if return_state:
         return out, LinearAttentionState(sums, shift)

@@ -244,12 +244,22 @@ def _check_sizes(dim: int, heads: int, mlp_ratio: float) -> int:
     return hidden
 
 
+def _check_qk_dim(qk_dim: object, head_dim: int, name: str = "qk_dim") -> int:
+    if qk_dim is None:
+        return head_dim
+    if isinstance(qk_dim, bool) or not isinstance(qk_dim, int) or qk_dim < 2 or qk_dim % 2:
+        raise ValueError(f"{name} must be a positive even integer (the q/k width per head: RoPE rotates q and k in "
+                         f"pairs), got {qk_dim!r}")
+    return qk_dim
+
+
 # ------------------------------------------------------------------------------------------------------
 # Blocks and model
 # ------------------------------------------------------------------------------------------------------
 class TransformerBlock(nn.Module):
     """One encoder block: multi-head self-attention (through a pluggable attention module) and an MLP, with pre-LN
-    (``x + f(LN(x))``) or post-LN (``LN(x + f(x))``) residuals.
+    (``x + f(LN(x))``) or post-LN (``LN(x + f(x))``) residuals. ``qk_dim`` (even; default ``dim // heads``) is the
+    per-head width of q and k, which may differ from that of the values.
 
     Example:
         >>> from kexue.attention import prepare_mask
@@ -259,15 +269,17 @@ class TransformerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, *, attention: Callable[..., torch.Tensor], mlp_ratio: float = 4.0,
-                 norm: str = "pre", dropout: float = 0.0, rope_base: float = 10000.0) -> None:
+                 norm: str = "pre", dropout: float = 0.0, rope_base: float = 10000.0, qk_dim: int | None = None
+                 ) -> None:
         super().__init__()
         hidden = _check_sizes(dim, heads, mlp_ratio)
         if dim % heads:
             raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
         check_choice("norm", norm, NORMS)
         self.dim, self.heads, self.head_dim, self.norm, self.rope_base = dim, heads, dim // heads, norm, rope_base
+        self.qk_dim = _check_qk_dim(qk_dim, dim // heads)
         self.attn = attention
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 2 * heads * self.qk_dim + dim)
         self.proj = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -276,7 +288,13 @@ class TransformerBlock(nn.Module):
     def _attend(self, x: torch.Tensor, position_ids: torch.Tensor, mask: PreparedMask, cache: object | None,
                 want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.qk_dim == self.head_dim:
+            q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:                                       # q/k of their own width (e.g. linear attention's m)
+            w = self.heads * self.qk_dim
+            q, k, v = self.qkv(x).split([w, w, self.dim], dim=-1)
+            q, k = (t.view(b, n, self.heads, self.qk_dim).transpose(1, 2) for t in (q, k))
+            v = v.view(b, n, self.heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, position_ids, base=self.rope_base)
         k = apply_rope(k, position_ids, base=self.rope_base)
         ent = None
@@ -366,7 +384,10 @@ class Transformer(nn.Module):
             overrides ``attention_scale``. Its own layers keep their initialisation. Or a name:
             ``"linear"`` builds one :class:`~kexue.attention.LinearAttention` per block (article 5) with
             ``feature_map`` (``"exp"``, the default, ``"elu1"``, ``"relu"``, ``"favor"``, ``"favor_hyp"``) and
-            ``num_features`` (``m``; the random maps draw from torch's global RNG).
+            ``num_features`` (``m``; the random maps draw from torch's global RNG). With ``"exp"`` and
+            ``num_features=m`` the projection to ``m`` dims is merged into the blocks' q/k layers, as the article
+            has it: they output ``m`` dims per head (``qk_dim=m``) and ``e^x`` is applied to them directly.
+        qk_dim: width of q and k per head (even; default ``dim // heads``), the values keep ``dim // heads``.
         attention_factory: ``f(layer_index) -> attention`` to build one attention module per block.
         rope_base: RoPE frequency base. dropout: dropout on residual branches.
 
@@ -396,7 +417,7 @@ class Transformer(nn.Module):
                  attention_factory: Callable[[int], Callable] | None = None, min_n: float = MIN_N,
                  base: float = BASE, rope_base: float = 10000.0, dropout: float = 0.0,
                  attention_backend: str = "sdpa", feature_map: str | None = None,
-                 num_features: int | None = None) -> None:
+                 num_features: int | None = None, qk_dim: int | None = None) -> None:
         super().__init__()
         check_choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
         for name, val in (("vocab_size", vocab_size), ("depth", depth)):
@@ -410,10 +431,18 @@ class Transformer(nn.Module):
         check_positive("dropout", dropout, allow_zero=True)
         if dim % heads or (dim // heads) % 2:
             raise ValueError(f"dim / heads must be an even integer (RoPE), got dim={dim}, heads={heads}")
+        qk_dim = _check_qk_dim(qk_dim, dim // heads) if qk_dim is not None else None
         if isinstance(attention, str):          # a named attention: one module per layer from its factory
             if attention_factory is not None:
                 raise ValueError("pass at most one of attention and attention_factory")
-            attention_factory = named_attention_factory(attention, head_dim=dim // heads,
+            if attention in ATTENTION_NAMES and (feature_map or "exp") == "exp" and num_features is not None:
+                # the article's form: e^x on q/k that the blocks' own q/k layers project to m dims per head
+                if qk_dim is not None and qk_dim != num_features:
+                    raise ValueError(f"attention='linear' with the exp map projects q/k to num_features="
+                                     f"{num_features} dims per head; qk_dim={qk_dim} contradicts it")
+                qk_dim = _check_qk_dim(num_features, dim // heads, "num_features (with the exp map)")
+                num_features = None
+            attention_factory = named_attention_factory(attention, head_dim=qk_dim or dim // heads,
                                                         feature_map=feature_map, num_features=num_features)
             attention = None
         elif feature_map is not None or num_features is not None:
@@ -438,7 +467,7 @@ class Transformer(nn.Module):
         self.emb_ln = nn.LayerNorm(dim) if norm == "post" else nn.Identity()
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, heads, attention=attention_factory(i), mlp_ratio=mlp_ratio, norm=norm,
-                             dropout=dropout, rope_base=rope_base)
+                             dropout=dropout, rope_base=rope_base, qk_dim=qk_dim)
             for i in range(depth))
         self.final_ln = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
         # MLM head: dense + GELU + LayerNorm, then the transposed token embedding (tied) plus a bias.

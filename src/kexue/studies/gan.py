@@ -66,7 +66,7 @@ FULL: dict[str, Any] = {
     "eval_every": 100, "eval_fake": 1000, "eval_real": 5000, "final_fake": 2000, "checker_n": 512,
     "classifier": {"n_train": None, "width": 16, "pool": 2, "epochs": 2},
     "timing": {"dataset": "cifar10", "width": 64, "steps": 5, "warmup": 2},
-    "inception": {"dataset": "cifar10", "n_real": 500, "n_fake": 500},
+    "inception": {"dataset": "cifar10", "n_real": 2000, "n_fake": 2000},
 }
 CHECKER_PEAK = 2.0  # a score above this: the stride-2 frequencies hold twice the power around them
 

@@ -139,6 +139,8 @@ def make_model(vocab: int, arm: str, cfg: dict[str, Any], *, m_mult: int = 4, wi
         return Transformer(vocab, attention="linear", feature_map=arm, num_features=m, **kw)
     from kexue.attention import LinearAttention
 
+    if arm == "exp":                                  # m dims from the blocks' q/k layers, as without the window
+        return Transformer(vocab, attention_factory=lambda i: LinearAttention(arm, window=window), qk_dim=m, **kw)
     return Transformer(vocab, attention_factory=lambda i: LinearAttention(arm, head_dim=d, num_features=m,
                                                                           window=window), **kw)
 
