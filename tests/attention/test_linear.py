@@ -85,6 +85,23 @@ def test_every_chunk_size_from_1_to_beyond_L(name, block_chunks, monkeypatch):
         assert float((out - ref).abs().max()) < 1e-10, chunk
 
 
+@pytest.mark.parametrize("name", ["elu1", "relu", "exp", "exp-m", "favor", "favor_hyp"])
+@pytest.mark.parametrize("causal", [True, False])
+@torch.no_grad()
+def test_inputs_and_the_map_are_left_untouched(name, causal):
+    """Without autograd the features are formed in place -- only ever in tensors the map made for the call: the
+    plain exp map (whose log-features are q and k themselves) must not write into q or k, no map into its own
+    parameters or buffers, and a second call gives the same result."""
+    fm = _maps()[name]
+    q, k, v = _qkv(2, 2, 40, scale=2.0)
+    kept = [t.clone() for t in (q, k, v)]
+    state = {n: t.clone() for n, t in (fm.state_dict().items() if isinstance(fm, FeatureMap) else [])}
+    a = linear_attention(q, k, v, feature_map=fm, causal=causal, chunk_size=8)
+    assert all(torch.equal(t, c) for t, c in zip((q, k, v), kept))
+    assert all(torch.equal(fm.state_dict()[n], t) for n, t in state.items())
+    assert torch.equal(linear_attention(q, k, v, feature_map=fm, causal=causal, chunk_size=8), a)
+
+
 @pytest.mark.parametrize("name", ["elu1", "exp", "exp-m", "favor", "favor_hyp"])
 def test_blockwise_features_values_gradients_and_state(name, monkeypatch):
     """The causal form computes each block's features on its own, carrying the state and the key shift: with

@@ -8,11 +8,11 @@ Five parts:
    matrix ``phi(Q) phi(K)^T`` (<= m) for n up to 512 and several d and m; a causal linear-attention matrix with a
    positive diagonal is full rank (lower-triangular).
 3. **The headline claim**: the same small Transformer with softmax attention and with linear attention (Su's
-   ``exp`` map with q/k projected to m = 4d, elu+1, FAVOR+ with m = 4d) trained as a causal character LM and as a
-   character MLM on Tiny Shakespeare (and the four Chinese novels in full mode). The article: linear attention is
-   close to softmax as an LM and clearly worse as an MLM. Per seed (paired: same data order and masks for every
-   arm) the gaps ``softmax - linear`` in held-out accuracy are taken for both tasks; the claim holds for a map when
-   ``MLM gap - LM gap`` is positive beyond the seed spread (mean - sd > 0).
+   ``exp`` map on q/k that the q/k layers project to m = 4d per head, elu+1, FAVOR+ with m = 4d) trained as a
+   causal character LM and as a character MLM on Tiny Shakespeare (and the four Chinese novels in full mode).
+   The article: linear attention is close to softmax as an LM and clearly worse as an MLM. Per seed (paired: same
+   data order and masks for every arm) the gaps ``softmax - linear`` in held-out accuracy are taken for both
+   tasks; the claim holds for a map when ``MLM gap - LM gap`` is positive beyond the seed spread (mean - sd > 0).
 4. **Sparsity**: the mean attention entropy of the trained MLMs at n = 64..512 beside ``log n`` (uniform pooling),
    and the article's local-window experiment: the exp-map MLM trained with its attention cut to a window of
    ``window`` neighbours (the O(L^2) reference form) -- does it recover part of the MLM gap?
