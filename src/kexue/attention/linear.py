@@ -558,6 +558,15 @@ def _features(fm: FeatureMap, q: Tensor, k: Tensor, valid: Tensor | None, *, cau
     return fq, fk, c, torch.exp(expo)
 
 
+def _check_feature_dims(fq: Tensor, fk: Tensor, st: LinearAttentionState | None) -> int:
+    """The feature dimension ``m``, checked to agree between queries, keys and the incoming state."""
+    m = fq.shape[-1]
+    if fk.shape[-1] != m or (st is not None and st.sums.shape[-2] != m):
+        raise ValueError(f"the feature map gives {m} query features and {fk.shape[-1]} key features"
+                         + ("" if st is None else f"; initial_state has {st.sums.shape[-2]}"))
+    return m
+
+
 def _augment(v: Tensor, valid: Tensor | None, scale: Tensor | None) -> Tensor:
     """``[v, 1]`` along the last dim (one matmul then gives numerator and normaliser), rows times the key factor
     ``scale`` and zero at padding."""
@@ -716,10 +725,7 @@ def _causal(fm: FeatureMap, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | Non
         vb = None if valid is None else valid[:, lo:hi]
         fq, fk, c, kscale = _features(fm, q[:, :, lo:hi], k[:, :, lo:hi], vb, causal=True, shift0=shift0)
         if m is None:
-            m = fq.shape[-1]
-            if fk.shape[-1] != m or (st is not None and st.sums.shape[-2] != m):
-                raise ValueError(f"the feature map gives {m} query features and {fk.shape[-1]} key features"
-                                 + ("" if st is None else f"; initial_state has {st.sums.shape[-2]}"))
+            m = _check_feature_dims(fq, fk, st)
         if not pieces:
             break
         va = F.pad(_augment(v[:, :, lo:hi], vb, kscale), (0, ep - e))
@@ -796,9 +802,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: str | Feat
         o, sums, shift = _causal(fm, qc, kc, vc, valid, st, chunk_size, want_state=return_state)
     else:
         fq, fk, c, kscale = _features(fm, qc, kc, valid, causal=False, shift0=None if st is None else st.shift)
-        if fq.shape[-1] != fk.shape[-1] or (st is not None and fq.shape[-1] != m):
-            raise ValueError(f"the feature map gives {fq.shape[-1]} query features and {fk.shape[-1]} key features"
-                             + ("" if st is None else f"; initial_state has {m}"))
+        _check_feature_dims(fq, fk, st)
         o, sums, shift = _noncausal(fq, fk, _augment(vc, valid, kscale), c, st)
     out = _normalise(o).to(q.dtype)
     if return_state:
