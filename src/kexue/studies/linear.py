@@ -314,7 +314,7 @@ def _figures(ctx: StudyContext, cfg: dict[str, Any], mc: dict[str, list[float]],
 @register_study("linear-attention", article=5,
                 title="From Performer to linear attention: FAVOR+, rank, and linear vs softmax as LM and MLM",
                 quick_budget_s=180,
-                full_time="about 3 h of CPU time (57 models: 8 per corpus and seed for 2 corpora x 3 seeds, and 3 "
+                full_time="about 3-5 h of CPU time (57 models: 8 per corpus and seed for 2 corpora x 3 seeds, and 3 "
                           "more per seed on Tiny Shakespeare; dim 96, 3 layers, 800 steps of 32x64 characters, one "
                           "thread each); finished runs are kept and reused if interrupted",
                 datasets=("tinyshakespeare", "chinese_novels"))
