@@ -392,8 +392,8 @@ def _figure(ctx: StudyContext, runs: dict[str, list[dict[str, Any]]], gru: dict[
 
 @register_study("seq2seq", article=3, title="A pretrained BERT as a seq2seq model through the UniLM mask",
                 quick_budget_s=180,
-                full_time="about 3 h on 2 CPU cores (6 MiniLM runs of 1,000 steps, a GRU to 6,000 steps, a Chinese "
-                          "character UniLM 800 steps)",
+                full_time="about 2.5 h on 2 CPU cores (one thread; 6 MiniLM runs of 1,000 steps at ~1,100 s each, a "
+                          "GRU to 6,000 steps, a Chinese character UniLM 800 steps); finished runs are kept and reused",
                 datasets=("arxiv-titles", "csl-titles"))
 def run(ctx: StudyContext) -> Result:
     # one thread: on the shared 2-core machine a second intra-op thread made these runs several times slower
