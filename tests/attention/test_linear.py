@@ -579,3 +579,13 @@ def test_gradients_through_recurrent_steps_equal_the_reference(name):
     g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for a, b in zip(g_steps, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_a_feature_map_subclass_without_features_says_what_to_define():
+    class Half(FeatureMap):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"Half must define features\(\)"):
+        Half()(torch.ones(1, 1, 2, 4))
+    with pytest.raises(NotImplementedError, match="not an exponential feature map"):
+        Half().log_parts(torch.ones(1, 1, 2, 4), is_query=True)

@@ -163,7 +163,8 @@ class FeatureMap(nn.Module):
         """``phi(x)``, non-negative, ``[..., num_features]``."""
         if self.exponential:
             return torch.exp(self.log_features(x, is_query=is_query))
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define features() (or set exponential = True and "
+                                  "define log_parts())")
 
     def forward(self, x: Tensor, *, is_query: bool = False) -> Tensor:
         return self.features(x, is_query=is_query)
